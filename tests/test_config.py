@@ -1,0 +1,138 @@
+"""Hydra composition of every preset, typed conversion, validation, and one-line CLI errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from recipes.base import known_recipes
+from train.cli import register_resolvers
+from train.config import RunConfig, register_configs, to_run_config
+from train.validate import ConfigError, validate
+
+from .conftest import ROOT, run_lowbit
+
+CONF = ROOT / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_run_config(compose("config", overrides=overrides))
+
+
+def test_groups_present():
+    assert options("model") == sorted(["tiny", "20m", "125m", "350m", "760m", "1.3b", "2.7b", "6.7b", "13b"])
+    assert options("parallel") == sorted(["single", "ddp", "zero1", "zero2", "zero3", "zero3_offload"])
+    assert {"fp32", "bf16", "fp16"} <= set(options("recipe"))
+
+
+def test_default_is_tiny_bf16_on_shakespeare():
+    cfg = compose_run([])
+    assert (cfg.model.name, cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.seq_len) == ("tiny", 128, 2, 4, 128)
+    assert cfg.model.mlp == "gelu" and cfg.model.ffn_mult == 4.0
+    assert cfg.recipe.name == "bf16" and cfg.recipe.precision == "bf16"
+    t = cfg.trainer
+    assert (t.lr, t.beta1, t.beta2, t.weight_decay, t.warmup_frac, t.min_lr_ratio, t.grad_clip, t.global_batch_size) == (
+        1e-3, 0.9, 0.95, 0.1, 0.05, 0.1, 1.0, 16
+    )
+    assert cfg.data.source == "shakespeare" and cfg.trainer.eval_every == 50
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_composes_and_validates(model):
+    cfg = compose_run([f"model={model}"])
+    assert cfg.model.name == model
+    validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("parallel", options("parallel"))
+def test_every_parallel_composes_and_validates(parallel):
+    cfg = compose_run([f"parallel={parallel}"])
+    validate(cfg, world_size=1 if parallel == "single" else 2)
+
+
+@pytest.mark.parametrize("recipe", options("recipe"))
+def test_every_recipe_is_complete_and_registered(recipe):
+    """Each conf/recipe/NAME.yaml sets every field of the schema, so `+recipe=` never inherits BF16 values."""
+    from dataclasses import fields
+
+    import yaml
+
+    from recipes.config import RecipeConfig
+
+    raw = yaml.safe_load((CONF / "recipe" / f"{recipe}.yaml").read_text())
+    assert set(raw) == {f.name for f in fields(RecipeConfig)}, f"{recipe}.yaml must set every recipe field"
+    assert raw["name"] in known_recipes()
+    cfg = compose_run([f"+recipe={recipe}"])
+    assert cfg.recipe.name == raw["name"]
+
+
+def test_recipe_override_replaces_inline_default():
+    cfg = compose_run(["+recipe=fp32"])
+    assert cfg.recipe.precision == "fp32"
+
+
+def test_schema_rejects_unknown_keys_and_bad_types():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_run(["trainer.not_a_key=1"])
+    with pytest.raises(ConfigCompositionException):
+        compose_run(["trainer.max_steps=abc"])
+
+
+def test_gpt3_presets_have_paper_shapes():
+    import torch
+
+    from train.model import GPT, count_params
+
+    expected = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9, "2.7b": 2.7e9}
+    for name, n in expected.items():
+        cfg = compose_run([f"model={name}"])
+        with torch.device("meta"):
+            model = GPT(cfg.model, vocab_size=50257)
+        assert abs(count_params(model) - n) / n < 0.06, (name, count_params(model))
+
+
+def test_validation_errors_name_the_key():
+    cfg = compose_run(["trainer.global_batch_size=16", "trainer.micro_batch_size=3"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=2)
+    assert e.value.key == "trainer.global_batch_size" and "3 x 2 = 6" in e.value.fix
+    with pytest.raises(ConfigError) as e:
+        validate(compose_run(["+recipe=fp16", "trainer.device=cpu"]), world_size=1)
+    assert e.value.key == "recipe.precision" and "CPU" in e.value.fix
+    with pytest.raises(ConfigError) as e:
+        validate(compose_run([]), world_size=2)
+    assert e.value.key == "parallel"
+
+
+BAD_COMMANDS = [
+    (["model=nope"], "model=nope"),
+    (["parallel=zero2", "launcher.nproc_per_node=2", "trainer.global_batch_size=16", "trainer.micro_batch_size=3"],
+     "trainer.global_batch_size=16"),
+    (["data=files", "data.path=/no/such/corpus.txt"], "data.path=/no/such/corpus.txt"),
+    (["+recipe=fp16"], "recipe.precision=fp16"),
+    (["trainer.max_steps=abc"], "trainer.max_steps=abc"),
+    (["trainer.bogus=1"], "trainer.bogus=1"),
+    (["+recipe=nope"], "recipe=nope"),
+]
+
+
+@pytest.mark.parametrize("args,prefix", BAD_COMMANDS, ids=[a[0][-1] for a in BAD_COMMANDS])
+def test_bad_input_is_one_line_exit_2(args, prefix, tmp_path: Path):
+    res = run_lowbit(args, run_dir=tmp_path / "run", check=False, timeout=120)
+    assert res.proc.returncode == 2, res.proc.stderr
+    lines = [line for line in res.proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.proc.stderr
+    assert lines[0].startswith(f"lowbit: config error: {prefix}:"), lines[0]
+    assert "Traceback" not in res.proc.stderr + res.proc.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,0 +1,1 @@
+"""lowbit's trainer: Hydra config -> typed RunConfig -> validate -> DeepSpeed engine -> step loop."""

@@ -1,0 +1,113 @@
+"""Command-line plumbing around Hydra: pre-flight checks, resolvers, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from omegaconf import OmegaConf
+
+from train.validate import ConfigError
+
+_HYDRA_FLAGS_WITHOUT_COMPOSE = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc")
+GROUPS = ("model", "parallel", "data", "trainer", "logger", "recipe")
+
+
+def config_error_exit(err: ConfigError) -> NoReturn:
+    print(err.one_line(), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local_rank N`` (the deepspeed launcher adds it; LOCAL_RANK is in the env)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            continue
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def run_stamp() -> str:
+    """Run-directory name. Derived from the Slurm job id when there is one, so every
+    rank of a job (and a requeued job) agrees on it; otherwise the local time."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"_{task}" if task else "")
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("lowbit_run_stamp"):
+        OmegaConf.register_new_resolver("lowbit_run_stamp", run_stamp, use_cache=True)
+
+
+def _split_override(arg: str) -> tuple[str, str] | None:
+    if "=" not in arg or arg.startswith("-"):
+        return None
+    key, val = arg.split("=", 1)
+    return key.lstrip("+~"), val
+
+
+def _group_options(conf_dir: str, group: str) -> list[str]:
+    return sorted(p.stem for p in Path(conf_dir, group).glob("*.yaml"))
+
+
+def check_group_choices(overrides: list[str], *, conf_dir: str) -> None:
+    for arg in overrides:
+        kv = _split_override(arg)
+        if kv is None or kv[0] not in GROUPS:
+            continue
+        key, val = kv
+        options = _group_options(conf_dir, key)
+        for choice in val.split(","):
+            if choice not in options:
+                raise ConfigError(key, choice, f"unknown {key}; choose one of: {', '.join(options)}")
+
+
+def _error_key(exc: BaseException) -> str | None:
+    while exc is not None:
+        key = getattr(exc, "full_key", None)
+        if key:
+            return str(key)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def preflight(argv: list[str], *, conf_dir: str) -> None:
+    """Compose the config once before Hydra's own run, so mistakes in the command
+    line become one-line ConfigErrors instead of tracebacks."""
+    if any(a in _HYDRA_FLAGS_WITHOUT_COMPOSE or a.startswith("--cfg") or a == "-c" for a in argv):
+        return
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if not a.startswith("-")]
+    check_group_choices(overrides, conf_dir=conf_dir)
+    if multirun:
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from train.config import to_run_config
+
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+            to_run_config(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        key = _error_key(e)
+        for arg in overrides:
+            kv = _split_override(arg)
+            if kv and (key is None and kv[0] in msg or key == kv[0]):
+                raise ConfigError(kv[0], kv[1], msg) from None
+        raise ConfigError(key or "overrides", " ".join(overrides) or "(none)", msg) from None

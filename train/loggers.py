@@ -1,0 +1,138 @@
+"""Loggers share ``log(metrics, step)`` and ``close()``. Only global rank 0 builds them.
+
+* ``JsonlLogger``   always: ``metrics.jsonl`` in the run directory, one JSON
+  object per logged step, flushed as written.
+* ``WandbLogger``   W&B, imported lazily, files inside the run directory, mode
+  from ``logger.wandb.mode`` or ``$WANDB_MODE`` (default offline, so a
+  machine without network never hangs).
+* ``ConsoleLogger`` one progress line per logged step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from train.config import RunConfig
+
+
+class Logger(Protocol):
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlLogger:
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "a", buffering=1)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ConsoleLogger:
+    def __init__(self, *, max_steps: int, stream=sys.stdout):
+        self.max_steps = max_steps
+        self.stream = stream
+        self._t0 = time.perf_counter()
+        self._step0: int | None = None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self._step0 is None:
+            self._step0, self._t0 = step, time.perf_counter()
+        done = step - self._step0
+        eta = (time.perf_counter() - self._t0) / done * (self.max_steps - step) if done else math.nan
+        parts = [f"step {step:>6}/{self.max_steps}"]
+        if "train/loss" in metrics:
+            parts.append(f"loss {metrics['train/loss']:.4f}")
+        if "val/loss" in metrics:
+            parts.append(f"val {metrics['val/loss']:.4f}")
+        if "train/lr" in metrics:
+            parts.append(f"lr {metrics['train/lr']:.2e}")
+        if "perf/tokens_per_s" in metrics:
+            parts.append(f"{metrics['perf/tokens_per_s'] / 1e3:.1f}k tok/s")
+        parts.append(f"ETA {_hms(eta)}")
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        return None
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def wandb_mode(cfg: RunConfig) -> str:
+    return cfg.logger.wandb.mode or os.environ.get("WANDB_MODE") or "offline"
+
+
+class WandbLogger:
+    def __init__(self, cfg: RunConfig, *, run_dir: Path, config: dict[str, Any], run_id: str | None = None):
+        import wandb
+
+        w = cfg.logger.wandb
+        self.run = wandb.init(
+            project=w.project,
+            entity=w.entity,
+            group=w.group,
+            name=w.name or run_dir.name,
+            tags=list(w.tags),
+            config=config,
+            dir=str(run_dir),
+            mode=wandb_mode(cfg),
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+        )
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log({"step": step, **metrics}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        self.run.summary.update(values)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MultiLogger:
+    def __init__(self, loggers: list[Any]):
+        self.loggers = loggers
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for lg in self.loggers:
+            lg.log(metrics, step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for lg in self.loggers:
+            if hasattr(lg, "summary"):
+                lg.summary(values)
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+
+
+def build_loggers(cfg: RunConfig, *, run_dir: Path, config: dict[str, Any], is_main: bool) -> MultiLogger:
+    if not is_main:
+        return MultiLogger([])
+    loggers: list[Any] = [JsonlLogger(run_dir / "metrics.jsonl")]
+    if cfg.logger.wandb.enabled and wandb_mode(cfg) != "disabled":
+        loggers.append(WandbLogger(cfg, run_dir=run_dir, config=config))
+    if cfg.logger.console:
+        loggers.append(ConsoleLogger(max_steps=cfg.trainer.max_steps))
+    return MultiLogger(loggers)

@@ -1,0 +1,248 @@
+"""Set up a run and train it: the step loop is ``train_loop`` below, top to bottom.
+
+batch -> forward under the recipe -> backward -> optimizer step -> log / eval / checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from recipes.base import Recipe, get_recipe
+from train import dist as lbdist
+from train.config import RunConfig
+from train.data import BatchSchedule, TokenData, eval_indices, order_fingerprint, prepare_data
+from train.engine import build_engine, init_distributed, reset_deepspeed_state
+from train.envinfo import environment
+from train.loggers import MultiLogger, build_loggers
+from train.metrics import grad_global_norm, tokens_per_s, weights_fingerprint
+from train.model import build_model, count_params
+from train.validate import Plan
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class Run:
+    """Everything the step loop needs, built once by ``setup``."""
+
+    cfg: RunConfig
+    plan: Plan
+    denv: lbdist.DistEnv
+    run_dir: Path
+    data: TokenData
+    schedule: BatchSchedule
+    recipe: Recipe
+    engine: Any
+    loggers: MultiLogger
+    start_step: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def log0(denv: lbdist.DistEnv, msg: str) -> None:
+    if denv.is_main:
+        print(f"lowbit: {msg}", flush=True)
+
+
+def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
+    denv = lbdist.detect()
+    torch.set_num_threads(lbdist.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=denv.local_world_size))
+    lbdist.export(denv)
+    init_distributed(plan.device)
+    if plan.device == "cuda":
+        torch.cuda.set_device(denv.local_rank)
+    if denv.is_distributed:  # every rank writes into rank 0's run directory
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
+
+    data = prepare_data(cfg.data, seq_len=cfg.model.seq_len)
+    vocab = cfg.model.vocab_size or data.vocab_size
+    model = build_model(cfg.model, vocab_size=vocab, seed=cfg.trainer.seed)
+    model.activation_checkpointing = cfg.trainer.activation_checkpointing
+    init_fp = weights_fingerprint(model)  # before the recipe or the engine touch the weights
+    schedule = BatchSchedule(len(data.train_idx), global_batch_size=cfg.trainer.global_batch_size, seed=cfg.trainer.seed)
+
+    recipe = get_recipe(cfg.recipe)
+    recipe.backend, note = recipe.resolve_backend(plan.device)
+    if note:
+        log0(denv, note)
+    report = recipe.convert(model)
+    log0(denv, f"recipe {recipe.name} ({recipe.precision}, backend {recipe.backend}): {report.summary()}")
+    engine = build_engine(model, cfg, plan)
+
+    start_step = maybe_resume(engine, cfg, run_dir, denv)
+    resolved = {
+        "config": asdict(cfg),
+        "resolved": {
+            "device": plan.device,
+            "world_size": plan.world_size,
+            "grad_accum_steps": plan.grad_accum_steps,
+            "launcher": denv.launcher,
+            "vocab_size": vocab,
+            "num_params": count_params(model),
+            "recipe": recipe.describe(),
+        },
+        "fingerprints": {"init_weights": init_fp, "data": data.fingerprint, "data_order": order_fingerprint(schedule)},
+        "env": environment(plan.device),
+    }
+    if denv.is_main:
+        write_run_config(run_dir, resolved)
+    loggers = build_loggers(cfg, run_dir=run_dir, config=resolved, is_main=denv.is_main)
+    return Run(cfg, plan, denv, run_dir, data, schedule, recipe, engine, loggers, start_step=start_step)
+
+
+def write_run_config(run_dir: Path, resolved: dict[str, Any]) -> None:
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "run_config.yaml", "w") as f:
+        yaml.safe_dump(resolved, f, sort_keys=False)
+
+
+def maybe_resume(engine: Any, cfg: RunConfig, run_dir: Path, denv: lbdist.DistEnv) -> int:
+    resume = cfg.trainer.resume
+    if resume == "none":
+        return 0
+    ckpt = run_dir / CHECKPOINT_DIR if resume == "auto" else Path(resume)
+    if not (ckpt / "latest").exists():
+        log0(denv, f"trainer.resume={resume}: no checkpoint in {ckpt}, starting from step 0")
+        return 0
+    _, client = engine.load_checkpoint(str(ckpt))
+    step = int(client["step"])
+    log0(denv, f"resumed from {ckpt} at step {step}")
+    return step
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    run.engine.save_checkpoint(str(run.run_dir / CHECKPOINT_DIR), tag=f"step_{step:07d}", client_state={"step": step})
+
+
+def micro_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    idx = run.schedule.micro_batches(
+        step, rank=run.denv.rank, world_size=run.denv.world_size, micro_batch_size=run.plan.micro_batch_size
+    )
+    dev = run.engine.device
+    return [tuple(t.to(dev, non_blocking=True) for t in run.data.sequences(run.data.train_idx[i])) for i in idx]
+
+
+def mean_across_ranks(x: torch.Tensor, denv: lbdist.DistEnv) -> float:
+    x = x.detach().float().clone()
+    if denv.is_distributed:
+        dist.all_reduce(x)
+        x /= denv.world_size
+    return x.item()
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean validation loss over a fixed set of sequences, split evenly across ranks."""
+    idx = eval_indices(run.data, num_sequences=run.cfg.trainer.eval_sequences)
+    idx = idx[: len(idx) - len(idx) % run.denv.world_size][run.denv.rank :: run.denv.world_size]
+    mb = run.plan.micro_batch_size
+    total = torch.zeros(2, dtype=torch.float64, device=run.engine.device)
+    run.engine.eval()
+    for lo in range(0, len(idx), mb):
+        x, y = (t.to(run.engine.device) for t in run.data.sequences(idx[lo : lo + mb]))
+        with run.recipe.forward_context():
+            loss = run.engine(x, y)
+        total += torch.stack([loss.double() * len(x), torch.tensor(float(len(x)), dtype=torch.float64, device=loss.device)])
+    run.engine.train()
+    if run.denv.is_distributed:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def grad_norm_after_step(run: Run, manual: torch.Tensor | None) -> float:
+    """DeepSpeed's pre-clip global norm; ZeRO-0 FP32 reports None, so use ours."""
+    norm = run.engine.get_global_grad_norm()
+    if norm is None:
+        return float(manual) if manual is not None else float("nan")
+    return float(norm)
+
+
+def train_loop(run: Run) -> dict[str, Any]:
+    cfg, t, engine = run.cfg, run.cfg.trainer, run.engine
+    tokens_per_step = t.global_batch_size * cfg.model.seq_len
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    window_start, window_steps, tok_rates = time.perf_counter(), 0, []
+    last: dict[str, Any] = {}
+    for step in range(run.start_step + 1, t.max_steps + 1):
+        is_log = step % t.log_every == 0 or step % t.eval_every == 0 or step == t.max_steps
+        batches = micro_batches(run, step)
+        lr = engine.get_lr()[0]  # the lr this step applies
+        losses, manual_norm = [], None
+        for x, y in batches:
+            with run.recipe.forward_context():
+                loss = engine(x, y)
+            engine.backward(loss)
+            if is_log and engine.is_gradient_accumulation_boundary():
+                manual_norm = grad_global_norm(params)  # only used where DeepSpeed reports None
+            engine.step()
+            losses.append(loss.detach())
+        run.recipe.on_optimizer_step()
+        window_steps += 1
+
+        if not is_log:
+            continue
+        metrics: dict[str, Any] = {
+            "train/loss": mean_across_ranks(torch.stack(losses).float().mean(), run.denv),
+            "train/lr": lr,
+            "train/grad_norm": grad_norm_after_step(run, manual_norm),
+        }
+        if run.plan.device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        step_time = (now - window_start) / window_steps
+        metrics["perf/step_time_s"] = step_time
+        metrics["perf/tokens_per_s"] = tokens_per_s(tokens=tokens_per_step, seconds=step_time)
+        tok_rates.append(metrics["perf/tokens_per_s"])
+        if step % t.eval_every == 0 or step == t.max_steps:
+            metrics["val/loss"] = evaluate(run)
+        if not np.isfinite(metrics["train/loss"]):
+            log0(run.denv, f"non-finite loss at step {step}")
+        run.loggers.log(metrics, step)
+        last.update(metrics)
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            save_checkpoint(run, step)
+        window_start, window_steps = time.perf_counter(), 0
+
+    summary = {
+        "final/train_loss": last.get("train/loss"),
+        "final/val_loss": last.get("val/loss"),
+        "final/step": t.max_steps,
+        "perf/mean_tokens_per_s": float(np.mean(tok_rates[1:] or tok_rates)) if tok_rates else None,
+    }
+    if t.checkpoint_every and t.max_steps % t.checkpoint_every:
+        save_checkpoint(run, t.max_steps)
+    return summary
+
+
+def run_training(cfg: RunConfig, plan: Plan, run_dir: Path) -> dict[str, Any]:
+    """Set up, train, and always tear down (process group, DeepSpeed state, loggers)."""
+    run = None
+    try:
+        run = setup(cfg, plan, run_dir)
+        summary = train_loop(run)
+        run.loggers.summary(summary)
+        if run.denv.is_main:
+            with open(run.run_dir / "summary.json", "w") as f:
+                json.dump(summary, f, indent=1)
+        return summary
+    finally:
+        if run is not None:
+            run.loggers.close()
+        with contextlib.suppress(Exception):
+            if dist.is_initialized():
+                dist.barrier()
+        reset_deepspeed_state()
+        os.environ.pop("LOWBIT_LAUNCHER", None)

@@ -1,0 +1,63 @@
+"""lowbit's one entry point.
+
+    python train/run.py                                   # tiny model, Shakespeare, CPU, W&B offline
+    python train/run.py +recipe=fp8_delayed model=125m parallel=zero2
+    python train/run.py parallel=zero2 launcher.nproc_per_node=2
+    torchrun --nproc_per_node 8 train/run.py parallel=zero2 ...   # or srun / the deepspeed launcher
+    python train/run.py -m +recipe=fp32,bf16                      # a local sweep
+
+Errors in the user's input print one line, ``lowbit: config error:
+<key>=<value>: <what to do>``, and exit with code 2 before any heavy start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "train":
+    sys.path.pop(0)  # `python train/run.py` put train/ first; import it as the package `train`
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from train.cli import config_error_exit, preflight, register_resolvers, strip_launcher_args  # noqa: E402
+from train.config import register_configs, to_run_config  # noqa: E402
+from train.validate import ConfigError, validate  # noqa: E402
+
+CONF_DIR = str(ROOT / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    from train import dist as lbdist
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        cfg = to_run_config(dcfg)
+        denv = lbdist.detect()
+        world = denv.world_size if denv.world_size > 1 else cfg.launcher.nproc_per_node
+        plan = validate(cfg, world_size=world)
+    except ConfigError as e:
+        config_error_exit(e)
+    from train.launch import exit_cleanly_at_exit, launch
+
+    launch(cfg, plan, run_dir)
+    exit_cleanly_at_exit()
+
+
+if __name__ == "__main__":
+    sys.argv = strip_launcher_args(sys.argv)
+    register_configs()
+    register_resolvers()
+    try:
+        preflight(sys.argv[1:], conf_dir=CONF_DIR)
+    except ConfigError as e:
+        config_error_exit(e)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()

@@ -1,0 +1,134 @@
+"""Validate a RunConfig at the boundary, before any distributed or model start-up.
+
+Every user error becomes a ``ConfigError(key, value, fix)``; the entry point
+prints it as one line, ``lowbit: config error: <key>=<value>: <fix>``, and
+exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from recipes.base import known_recipes
+from recipes.config import BACKENDS, PRECISIONS
+from train.config import RunConfig
+from train.data import DataError, source_files
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, value: object, fix: str):
+        super().__init__(f"{key}={value}: {fix}")
+        self.key, self.value, self.fix = key, value, fix
+
+    def one_line(self) -> str:
+        return f"lowbit: config error: {self.key}={self.value}: {self.fix}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Facts derived from the config and the machine, fixed once validated."""
+
+    world_size: int
+    device: str
+    micro_batch_size: int
+    """Resolved: ``trainer.micro_batch_size``, or global / world size when that is 0."""
+    grad_accum_steps: int
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, f"use one of: {', '.join(choices)}")
+
+
+def validate(cfg: RunConfig, *, world_size: int) -> Plan:
+    m, t, p, r = cfg.model, cfg.trainer, cfg.parallel, cfg.recipe
+    # model
+    if m.d_model % m.n_heads:
+        raise ConfigError("model.n_heads", m.n_heads, f"must divide model.d_model={m.d_model}")
+    if m.pos == "rope" and (m.d_model // m.n_heads) % 2:
+        raise ConfigError("model.pos", m.pos, "RoPE needs an even head dimension (d_model / n_heads)")
+    _one_of("model.mlp", m.mlp, ("gelu", "swiglu"))
+    _one_of("model.norm", m.norm, ("layernorm", "rmsnorm"))
+    _one_of("model.pos", m.pos, ("learned", "rope"))
+    for key, val in (("model.n_layers", m.n_layers), ("model.seq_len", m.seq_len), ("model.d_model", m.d_model)):
+        if val < 1:
+            raise ConfigError(key, val, "must be >= 1")
+    # trainer
+    for key, val in (
+        ("trainer.max_steps", t.max_steps),
+        ("trainer.log_every", t.log_every),
+        ("trainer.eval_every", t.eval_every),
+        ("trainer.global_batch_size", t.global_batch_size),
+        ("trainer.eval_sequences", t.eval_sequences),
+    ):
+        if val < 1:
+            raise ConfigError(key, val, "must be >= 1")
+    if t.checkpoint_every < 0:
+        raise ConfigError("trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 disables periodic checkpoints)")
+    if t.micro_batch_size < 0:
+        raise ConfigError("trainer.micro_batch_size", t.micro_batch_size, "must be >= 1, or 0 for global_batch_size / world_size")
+    micro = t.micro_batch_size or max(t.global_batch_size // world_size, 1)
+    per_step = micro * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            "trainer.global_batch_size",
+            t.global_batch_size,
+            f"must be divisible by micro_batch_size x world_size = {micro} x {world_size} = {per_step}; "
+            "change trainer.global_batch_size or trainer.micro_batch_size",
+        )
+    if not 0 <= t.warmup_frac < 1:
+        raise ConfigError("trainer.warmup_frac", t.warmup_frac, "must be in [0, 1)")
+    if t.resume not in ("none", "auto") and not os.path.isdir(t.resume):
+        raise ConfigError("trainer.resume", t.resume, "use none, auto, or an existing checkpoint directory")
+    _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    device = resolve_device(t.device)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", t.device, "no CUDA device is visible; use trainer.device=cpu")
+    # parallel
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("parallel.zero_stage", p.zero_stage, "use 0, 1, 2 or 3")
+    if p.single_process and world_size > 1:
+        raise ConfigError(
+            "parallel", p.name, f"runs one process but the job has {world_size}; use parallel=ddp|zero1|zero2|zero3"
+        )
+    if p.offload_param and p.zero_stage < 3:
+        raise ConfigError("parallel.offload_param", True, "parameter offload needs parallel.zero_stage=3")
+    if cfg.launcher.nproc_per_node < 1:
+        raise ConfigError("launcher.nproc_per_node", cfg.launcher.nproc_per_node, "must be >= 1")
+    # recipe
+    _one_of("recipe.name", r.name, known_recipes())
+    _one_of("recipe.precision", r.precision, PRECISIONS)
+    _one_of("recipe.backend", r.backend, BACKENDS)
+    if r.precision == "fp16" and device == "cpu":
+        raise ConfigError(
+            "recipe.precision", "fp16", "DeepSpeed refuses fp16 on its CPU accelerator; use +recipe=bf16 or run on a GPU"
+        )
+    # data (cheap checks only: files exist, corpus installed)
+    try:
+        source_files(cfg.data)
+    except DataError as e:
+        raise ConfigError(e.key, e.value, e.fix) from None
+    _one_of("data.tokenizer", cfg.data.tokenizer, ("bytes", "bpe"))
+    if not 0 < cfg.data.val_fraction < 0.5:
+        raise ConfigError("data.val_fraction", cfg.data.val_fraction, "must be in (0, 0.5)")
+    if m.vocab_size is not None and cfg.data.tokenizer == "bytes" and m.vocab_size < 256:
+        raise ConfigError("model.vocab_size", m.vocab_size, "byte tokens need a vocabulary of at least 256")
+    if cfg.logger.wandb.mode not in (None, "offline", "online", "disabled"):
+        raise ConfigError("logger.wandb.mode", cfg.logger.wandb.mode, "use null, offline, online or disabled")
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer", True, "optimizer offload needs parallel.zero_stage >= 1")
+    return Plan(
+        world_size=world_size, device=device, micro_batch_size=micro, grad_accum_steps=t.global_batch_size // per_step
+    )

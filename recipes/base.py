@@ -41,6 +41,15 @@ class ConversionReport:
         return f"converted {len(self.converted)}/{total} Linear; kept in high precision: {kept}"
 
 
+class RecipeConfigError(ValueError):
+    """A recipe setting that cannot work with this model: the trainer prints it as
+    ``lowbit: config error: <key>=<value>: <fix>`` before any heavy start-up."""
+
+    def __init__(self, key: str, value: object, fix: str):
+        super().__init__(f"{key}={value}: {fix}")
+        self.key, self.value, self.fix = key, value, fix
+
+
 class Recipe:
     """Base recipe: the engine runs in ``cfg.precision``; no layer is converted."""
 
@@ -74,6 +83,11 @@ class Recipe:
         if chosen == "emulated":
             note = f"recipe.backend=auto resolved to 'emulated' on {device} (no hardware backend for {self.name})"
         return chosen, note
+
+    def check(self, model: nn.Module) -> None:
+        """Raise RecipeConfigError if this recipe cannot run on ``model`` (built on the
+        meta device at validation time, so no memory or compute is spent)."""
+        return None
 
     def convert(self, model: nn.Module) -> ConversionReport:
         self.report = ConversionReport(kept=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)])

@@ -49,6 +49,22 @@ def _one_of(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
         raise ConfigError(key, value, f"use one of: {', '.join(choices)}")
 
 
+def check_recipe_on_model(cfg: RunConfig) -> None:
+    """Let the recipe inspect the model's layers (on the meta device: free)."""
+    import torch
+
+    from recipes.base import RecipeConfigError, get_recipe
+    from train.model import GPT
+
+    vocab = cfg.model.vocab_size or (256 if cfg.data.tokenizer == "bytes" else cfg.data.bpe_vocab_size)
+    with torch.device("meta"):
+        model = GPT(cfg.model, vocab_size=vocab)
+    try:
+        get_recipe(cfg.recipe).check(model)
+    except RecipeConfigError as e:
+        raise ConfigError(e.key, e.value, e.fix) from None
+
+
 def validate(cfg: RunConfig, *, world_size: int) -> Plan:
     m, t, p, r = cfg.model, cfg.trainer, cfg.parallel, cfg.recipe
     # model
@@ -115,6 +131,7 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         raise ConfigError(
             "recipe.precision", "fp16", "DeepSpeed refuses fp16 on its CPU accelerator; use +recipe=bf16 or run on a GPU"
         )
+    check_recipe_on_model(cfg)
     # data (cheap checks only: files exist, corpus installed)
     try:
         source_files(cfg.data)

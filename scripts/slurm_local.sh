@@ -256,6 +256,13 @@ cmd_stop() {
     stop_pidfile slurmd "$SLURMD_PID"
     stop_pidfile slurmctld "$CTLD_PID"
     stop_pidfile munged "$MUNGE_PID"
+    # daemons whose pid file was lost (e.g. two checkouts starting and stopping at once)
+    local name
+    for name in slurmd slurmctld munged; do
+        if command -v pkill >/dev/null && pkill -x "$name" 2>/dev/null; then
+            log "stopped a $name without a pid file"
+        fi
+    done
     if command -v pgrep >/dev/null && pgrep -x slurmstepd >/dev/null; then
         log "warning: slurmstepd still running (pids $(pgrep -x slurmstepd | tr '\n' ' ')); its job escaped cleanup"
     fi

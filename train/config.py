@@ -93,7 +93,7 @@ class TrainerConfig:
     """Validation sequences per evaluation (a fixed set, identical for every run)."""
     checkpoint_every: int = 0
     """0: no periodic checkpoints (one is still written on preemption)."""
-    resume: str = "none"
+    resume: str = "auto"
     """none | auto (latest checkpoint in the run dir) | a checkpoint directory."""
     activation_checkpointing: bool = False
     device: str = "auto"

@@ -79,10 +79,11 @@ def wandb_mode(cfg: RunConfig) -> str:
 
 
 class WandbLogger:
-    def __init__(self, cfg: RunConfig, *, run_dir: Path, config: dict[str, Any], run_id: str | None = None):
+    def __init__(self, cfg: RunConfig, *, run_dir: Path, config: dict[str, Any]):
         import wandb
 
         w = cfg.logger.wandb
+        run_id = self._run_id(run_dir)
         self.run = wandb.init(
             project=w.project,
             entity=w.entity,
@@ -93,11 +94,21 @@ class WandbLogger:
             dir=str(run_dir),
             mode=wandb_mode(cfg),
             id=run_id,
-            resume="allow" if run_id else None,
+            resume="allow",
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
+
+    @staticmethod
+    def _run_id(run_dir: Path) -> str:
+        """One W&B run per run directory: a requeued or resumed job continues the same run."""
+        import secrets
+
+        path = run_dir / "wandb_run_id"
+        if not path.exists():
+            path.write_text(secrets.token_hex(4))
+        return path.read_text().strip()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({"step": step, **metrics}, step=step)

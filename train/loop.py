@@ -5,11 +5,10 @@ batch -> forward under the recipe -> backward -> optimizer step -> log / eval / 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from train.envinfo import environment
 from train.loggers import MultiLogger, build_loggers
 from train.metrics import grad_global_norm, tokens_per_s, weights_fingerprint
 from train.model import build_model, count_params
+from train.preempt import PreemptionGuard
 from train.validate import Plan
 
 CHECKPOINT_DIR = "checkpoints"
@@ -44,8 +44,8 @@ class Run:
     recipe: Recipe
     engine: Any
     loggers: MultiLogger
+    guard: PreemptionGuard
     start_step: int = 0
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def log0(denv: lbdist.DistEnv, msg: str) -> None:
@@ -54,6 +54,7 @@ def log0(denv: lbdist.DistEnv, msg: str) -> None:
 
 
 def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
+    guard = PreemptionGuard().install()  # first: a signal during start-up must not kill the job
     denv = lbdist.detect()
     torch.set_num_threads(lbdist.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=denv.local_world_size))
     lbdist.export(denv)
@@ -97,8 +98,36 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     }
     if denv.is_main:
         write_run_config(run_dir, resolved)
+        write_job_info(run_dir, start_step=start_step)
+        truncate_metrics(run_dir / "metrics.jsonl", after_step=start_step)
     loggers = build_loggers(cfg, run_dir=run_dir, config=resolved, is_main=denv.is_main)
-    return Run(cfg, plan, denv, run_dir, data, schedule, recipe, engine, loggers, start_step=start_step)
+    return Run(cfg, plan, denv, run_dir, data, schedule, recipe, engine, loggers, guard, start_step=start_step)
+
+
+def write_job_info(run_dir: Path, *, start_step: int) -> None:
+    """Who ran this (Slurm job, host) and from which step: appended per (re)start."""
+    info = {
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        "host": os.uname().nodename,
+        "start_step": start_step,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with open(run_dir / "job.jsonl", "a") as f:
+        f.write(json.dumps(info) + "\n")
+
+
+def truncate_metrics(path: Path, *, after_step: int) -> None:
+    """Drop rows logged after the step we (re)start from: a hard kill can leave some,
+    and a rerun from scratch in the same directory starts a fresh file."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= after_step]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def write_run_config(run_dir: Path, resolved: dict[str, Any]) -> None:
@@ -115,7 +144,8 @@ def maybe_resume(engine: Any, cfg: RunConfig, run_dir: Path, denv: lbdist.DistEn
         return 0
     ckpt = run_dir / CHECKPOINT_DIR if resume == "auto" else Path(resume)
     if not (ckpt / "latest").exists():
-        log0(denv, f"trainer.resume={resume}: no checkpoint in {ckpt}, starting from step 0")
+        if resume != "auto":
+            log0(denv, f"trainer.resume={resume}: no checkpoint in {ckpt}, starting from step 0")
         return 0
     _, client = engine.load_checkpoint(str(ckpt))
     step = int(client["step"])
@@ -170,18 +200,34 @@ def grad_norm_after_step(run: Run, manual: torch.Tensor | None) -> float:
     return float(norm)
 
 
+def step_metrics(run: Run, step: int, *, losses: list[torch.Tensor], lr: float, manual_norm: torch.Tensor | None,
+                 step_time: float) -> dict[str, Any]:
+    """The logged values of one step (host syncs happen here, on log steps only)."""
+    t = run.cfg.trainer
+    metrics: dict[str, Any] = {
+        "train/loss": mean_across_ranks(torch.stack(losses).float().mean(), run.denv),
+        "train/lr": lr,
+        "train/grad_norm": grad_norm_after_step(run, manual_norm),
+        "perf/step_time_s": step_time,
+        "perf/tokens_per_s": tokens_per_s(tokens=t.global_batch_size * run.cfg.model.seq_len, seconds=step_time),
+    }
+    if step % t.eval_every == 0 or step == t.max_steps:
+        metrics["val/loss"] = evaluate(run)
+    if not np.isfinite(metrics["train/loss"]):
+        log0(run.denv, f"non-finite loss at step {step}")
+    return metrics
+
+
 def train_loop(run: Run) -> dict[str, Any]:
-    cfg, t, engine = run.cfg, run.cfg.trainer, run.engine
-    tokens_per_step = t.global_batch_size * cfg.model.seq_len
+    t, engine = run.cfg.trainer, run.engine
     params = [p for p in engine.module.parameters() if p.requires_grad]
     window_start, window_steps, tok_rates = time.perf_counter(), 0, []
     last: dict[str, Any] = {}
     for step in range(run.start_step + 1, t.max_steps + 1):
         is_log = step % t.log_every == 0 or step % t.eval_every == 0 or step == t.max_steps
-        batches = micro_batches(run, step)
         lr = engine.get_lr()[0]  # the lr this step applies
         losses, manual_norm = [], None
-        for x, y in batches:
+        for x, y in micro_batches(run, step):
             with run.recipe.forward_context():
                 loss = engine(x, y)
             engine.backward(loss)
@@ -192,57 +238,53 @@ def train_loop(run: Run) -> dict[str, Any]:
         run.recipe.on_optimizer_step()
         window_steps += 1
 
-        if not is_log:
-            continue
-        metrics: dict[str, Any] = {
-            "train/loss": mean_across_ranks(torch.stack(losses).float().mean(), run.denv),
-            "train/lr": lr,
-            "train/grad_norm": grad_norm_after_step(run, manual_norm),
-        }
-        if run.plan.device == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        step_time = (now - window_start) / window_steps
-        metrics["perf/step_time_s"] = step_time
-        metrics["perf/tokens_per_s"] = tokens_per_s(tokens=tokens_per_step, seconds=step_time)
-        tok_rates.append(metrics["perf/tokens_per_s"])
-        if step % t.eval_every == 0 or step == t.max_steps:
-            metrics["val/loss"] = evaluate(run)
-        if not np.isfinite(metrics["train/loss"]):
-            log0(run.denv, f"non-finite loss at step {step}")
-        run.loggers.log(metrics, step)
-        last.update(metrics)
-        if t.checkpoint_every and step % t.checkpoint_every == 0:
+        if is_log:
+            if run.plan.device == "cuda":
+                torch.cuda.synchronize()
+            step_time = (time.perf_counter() - window_start) / window_steps
+            metrics = step_metrics(run, step, losses=losses, lr=lr, manual_norm=manual_norm, step_time=step_time)
+            run.loggers.log(metrics, step)
+            last.update(metrics)
+            tok_rates.append(metrics["perf/tokens_per_s"])
+        checkpointed = bool(t.checkpoint_every) and (step % t.checkpoint_every == 0 or step == t.max_steps)
+        if checkpointed:
             save_checkpoint(run, step)
-        window_start, window_steps = time.perf_counter(), 0
+        if run.guard.should_stop(device=engine.device, distributed=run.denv.is_distributed):
+            log0(run.denv, f"preemption signal: checkpoint at step {step}, then exit for requeue")
+            if not checkpointed:
+                save_checkpoint(run, step)
+            return {"state": "preempted", "final/step": step}
+        if is_log:
+            window_start, window_steps = time.perf_counter(), 0
 
-    summary = {
+    return {
+        "state": "completed",
         "final/train_loss": last.get("train/loss"),
         "final/val_loss": last.get("val/loss"),
         "final/step": t.max_steps,
         "perf/mean_tokens_per_s": float(np.mean(tok_rates[1:] or tok_rates)) if tok_rates else None,
     }
-    if t.checkpoint_every and t.max_steps % t.checkpoint_every:
-        save_checkpoint(run, t.max_steps)
-    return summary
 
 
 def run_training(cfg: RunConfig, plan: Plan, run_dir: Path) -> dict[str, Any]:
     """Set up, train, and always tear down (process group, DeepSpeed state, loggers)."""
-    run = None
+    run, summary = None, {"state": "failed"}
     try:
         run = setup(cfg, plan, run_dir)
         summary = train_loop(run)
         run.loggers.summary(summary)
-        if run.denv.is_main:
+        if run.denv.is_main and summary["state"] == "completed":
             with open(run.run_dir / "summary.json", "w") as f:
                 json.dump(summary, f, indent=1)
-        return summary
+        if dist.is_initialized():
+            dist.barrier()  # only on success: after a failure the other ranks may never arrive
     finally:
         if run is not None:
             run.loggers.close()
-        with contextlib.suppress(Exception):
-            if dist.is_initialized():
-                dist.barrier()
+            if run.guard.received is None:
+                run.guard.restore()
         reset_deepspeed_state()
         os.environ.pop("LOWBIT_LAUNCHER", None)
+    if run is not None and summary["state"] == "preempted":
+        run.guard.hand_over()  # e.g. submitit's USR2 handler requeues the job
+    return summary

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from train.cli import config_error_exit, preflight, register_resolvers, strip_launcher_args  # noqa: E402
@@ -37,9 +38,12 @@ CONF_DIR = str(ROOT / "conf")
 def main(dcfg: DictConfig) -> None:
     from train import dist as lbdist
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
         cfg = to_run_config(dcfg)
+        if hc.mode == RunMode.MULTIRUN and cfg.logger.wandb.group is None:
+            cfg.logger.wandb.group = Path(hc.sweep.dir).name  # one W&B group per sweep
         denv = lbdist.detect()
         world = denv.world_size if denv.world_size > 1 else cfg.launcher.nproc_per_node
         plan = validate(cfg, world_size=world)

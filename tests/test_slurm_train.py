@@ -1,0 +1,148 @@
+"""lowbit on a real (local, single-node) Slurm cluster: sbatch with 2 ranks, a 2x2 Hydra
+sweep through submitit, and a signalled job that checkpoints, requeues and resumes.
+
+Marked `slurm`; skipped with the reason when no cluster answers (CI starts one with
+`bash scripts/slurm_local.sh start`). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, read_jsonl
+from .test_slurm_cluster import _cluster_skip_reason
+
+pytestmark = pytest.mark.slurm
+COMMON = ["+recipe=fp32", "trainer.log_every=1", "trainer.eval_every=10", "trainer.eval_sequences=16",
+          "logger.wandb.mode=offline"]
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory) -> dict[str, str]:
+    reason = _cluster_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("slurm_outputs")
+    env = {**os.environ, "LOWBIT_OUTPUTS": str(out), "WANDB_MODE": "offline"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # sbatch exports it: the venv's python
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def sbatch(args: list[str], *, env: dict[str, str], log: Path, ntasks: int = 2) -> str:
+    cmd = ["sbatch", "--parsable", f"--ntasks-per-node={ntasks}", f"--output={log}", "slurm/train.sbatch", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_state(job_id: str) -> str:
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    for field in proc.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return "UNKNOWN"
+
+
+def wait_job(job_id: str, *, log: Path, timeout: float = 420) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], timeout=30)
+    log_tail = log.read_text()[-4000:] if log.exists() else "(no log)"
+    raise AssertionError(f"job {job_id} not finished after {timeout} s (state {job_state(job_id)}):\n{log_tail}")
+
+
+def run_dir_of(env: dict[str, str], job_id: str) -> Path:
+    return Path(env["LOWBIT_OUTPUTS"]) / "runs" / f"slurm-{job_id}"
+
+
+def test_sbatch_two_rank_deepspeed_job(slurm_env, tmp_path):
+    log = tmp_path / "job.out"
+    job = sbatch(["parallel=zero2", "trainer.max_steps=20", *COMMON], env=slurm_env, log=log)
+    assert wait_job(job, log=log) == "COMPLETED", log.read_text()[-4000:]
+    run_dir = run_dir_of(slurm_env, job)
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert metrics[-1]["train/loss"] < metrics[0]["train/loss"] - 0.5
+    import yaml
+
+    rc = yaml.safe_load((run_dir / "run_config.yaml").read_text())
+    assert rc["resolved"]["world_size"] == 2 and rc["resolved"]["launcher"] == "slurm"
+    assert json.loads((run_dir / "job.jsonl").read_text().splitlines()[0])["slurm_job_id"] == job
+
+
+def test_signalled_job_checkpoints_requeues_and_matches_uninterrupted(slurm_env, tmp_path):
+    args = ["parallel=ddp", "trainer.max_steps=60", *COMMON]
+    ref_log, victim_log = tmp_path / "ref.out", tmp_path / "victim.out"
+    ref = sbatch(args, env=slurm_env, log=ref_log)
+    victim = sbatch(args, env=slurm_env, log=victim_log)
+    victim_metrics = run_dir_of(slurm_env, victim) / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (victim_metrics.exists() and len(read_jsonl(victim_metrics)) >= 10):
+        assert time.monotonic() < deadline, victim_log.read_text()[-4000:] if victim_log.exists() else "no log"
+        assert job_state(victim) in ("PENDING", "RUNNING", "CONFIGURING"), victim_log.read_text()[-4000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", victim], check=True, timeout=30)
+    assert wait_job(ref, log=ref_log) == "COMPLETED"
+    assert wait_job(victim, log=victim_log) == "COMPLETED", victim_log.read_text()[-4000:]
+
+    run_dir = run_dir_of(slurm_env, victim)
+    starts = read_jsonl(run_dir / "job.jsonl")
+    assert len(starts) == 2 and starts[1]["slurm_restart_count"] == 1 and 10 <= starts[1]["start_step"] < 60
+    got = read_jsonl(run_dir / "metrics.jsonl")
+    want = read_jsonl(run_dir_of(slurm_env, ref) / "metrics.jsonl")
+    assert [m["step"] for m in got] == list(range(1, 61))
+    assert [m["train/loss"] for m in got] == [m["train/loss"] for m in want]
+    assert got[-1]["val/loss"] == want[-1]["val/loss"]
+    wb = sorted(run_dir.glob("wandb/*run-*/run-*.wandb"))
+    assert len({p.parent.name.rsplit("-", 1)[-1] for p in wb}) == 1  # one W&B run id across the requeue
+
+
+def test_hydra_submitit_sweep_2x2_writes_sweep_index(slurm_env, tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm", "+recipe=fp32,bf16",
+           "trainer.seed=1,2", "trainer.max_steps=8", "trainer.log_every=4", "trainer.eval_sequences=16",
+           "logger.wandb.mode=offline", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    index = json.loads((sweep / "sweep.json").read_text())
+    assert index["num_jobs"] == 4 and index["num_completed"] == 4, index
+    combos = set()
+    for job in index["jobs"]:
+        assert job["slurm_job_id"] and job["state"] == "completed" and job["last_logged_step"] == 8
+        assert Path(job["run_dir"], "metrics.jsonl").exists()
+        combos.add(tuple(sorted(o for o in job["overrides"] if o.startswith(("+recipe", "trainer.seed")))))
+    assert len(combos) == 4
+    groups = set()
+    for job in index["jobs"]:
+        from train.wandb_offline import find_run_files, read_run
+
+        groups.add(read_run(find_run_files(job["run_dir"])[0])["run"]["group"])
+    assert groups == {sweep.name}
+
+    # a member that did not finish is resubmitted into its own directory and completes again
+    victim = index["jobs"][1]
+    Path(victim["run_dir"], "summary.json").unlink()
+    assert json.loads((sweep / "sweep.json").read_text())["num_completed"] == 4  # stale until rebuilt
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "resubmit_failed.py"), str(sweep)], cwd=ROOT,
+                          env=slurm_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "1 job(s) to resubmit" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = json.loads((sweep / "sweep.json").read_text())
+    assert after["num_completed"] == 4
+    again = next(j for j in after["jobs"] if j["num"] == victim["num"])
+    assert again["overrides"] == victim["overrides"] and again["restarts"] == 1
+    assert again["slurm_job_id"] != victim["slurm_job_id"]
+    rows = read_jsonl(Path(again["run_dir"]) / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [4, 8]  # restarted from scratch (no checkpoint), no duplicate rows

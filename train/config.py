@@ -127,6 +127,36 @@ class LauncherConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """Where ``div/`` keys come from (train/divergence.py)."""
+
+    mode: str = "none"
+    """none | lockstep (a reference engine trains in this process on the same batches)."""
+    run_dir: Optional[str] = None
+    """A finished reference run (same model, data, seed, batch schedule) to compare against."""
+    precision: str = "bf16"
+    """Lockstep reference engine precision: bf16 | fp32."""
+    threshold: float = 0.01
+    """|EMA of the relative loss delta| above this marks the first divergence step."""
+    ema: float = 0.9
+    """Decay of the loss-delta EMA."""
+
+
+@dataclass
+class StatsConfig:
+    every: int = 50
+    """Heavy numerics statistics (per-layer gradients, lockstep drift) every N steps; 0 = never."""
+    shadow_formats: list[str] = field(default_factory=list)
+    """Formats to evaluate the live gradients in without touching training, e.g. [mxfp4_e2m1]."""
+
+
+@dataclass
+class DebugConfig:
+    detect_anomaly: bool = False
+    """torch.autograd anomaly detection (slow): the first backward op that makes NaN raises."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -135,6 +165,9 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def register_configs() -> None:

@@ -5,10 +5,11 @@ batch -> forward under the recipe -> backward -> optimizer step -> log / eval / 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from recipes.base import Recipe, get_recipe
 from train import dist as lbdist
 from train.config import RunConfig
 from train.data import BatchSchedule, TokenData, eval_indices, order_fingerprint, prepare_data
+from train.divergence import DivergenceTracker, FileReference, LockstepReference, full_grads
 from train.engine import build_engine, init_distributed, reset_deepspeed_state
 from train.envinfo import environment
 from train.loggers import MultiLogger, build_loggers
@@ -29,6 +31,7 @@ from train.preempt import PreemptionGuard
 from train.validate import Plan
 
 CHECKPOINT_DIR = "checkpoints"
+REFERENCE_CHECKPOINT_DIR = "checkpoints_reference"
 
 
 @dataclass
@@ -45,6 +48,11 @@ class Run:
     engine: Any
     loggers: MultiLogger
     guard: PreemptionGuard
+    reference: FileReference | LockstepReference | None = None
+    tracker: DivergenceTracker = field(default_factory=lambda: DivergenceTracker(threshold=0.01, decay=0.9))
+    stat_params: list[str] = field(default_factory=list)
+    """Weight parameters of the layers the heavy statistics look at (the converted Linear layers,
+    or every Linear when the recipe converts none)."""
     start_step: int = 0
 
 
@@ -55,6 +63,7 @@ def log0(denv: lbdist.DistEnv, msg: str) -> None:
 
 def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     guard = PreemptionGuard().install()  # first: a signal during start-up must not kill the job
+    torch.autograd.set_detect_anomaly(cfg.debug.detect_anomaly)
     denv = lbdist.detect()
     torch.set_num_threads(lbdist.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=denv.local_world_size))
     lbdist.export(denv)
@@ -73,6 +82,7 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     init_fp = weights_fingerprint(model)  # before the recipe or the engine touch the weights
     schedule = BatchSchedule(len(data.train_idx), global_batch_size=cfg.trainer.global_batch_size, seed=cfg.trainer.seed)
 
+    ref_model = copy.deepcopy(model) if cfg.reference.mode == "lockstep" else None
     recipe = get_recipe(cfg.recipe)
     recipe.backend, note = recipe.resolve_backend(plan.device)
     if note:
@@ -80,8 +90,11 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     report = recipe.convert(model)
     log0(denv, f"recipe {recipe.name} ({recipe.precision}, backend {recipe.backend}): {report.summary()}")
     engine = build_engine(model, cfg, plan)
+    reference = build_reference(cfg, plan, ref_model)
 
     start_step = maybe_resume(engine, cfg, run_dir, denv)
+    if isinstance(reference, LockstepReference) and start_step:
+        reference.engine.load_checkpoint(str(run_dir / REFERENCE_CHECKPOINT_DIR))
     resolved = {
         "config": asdict(cfg),
         "resolved": {
@@ -96,12 +109,27 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
         "fingerprints": {"init_weights": init_fp, "data": data.fingerprint, "data_order": order_fingerprint(schedule)},
         "env": environment(plan.device),
     }
+    if isinstance(reference, FileReference) and (why := reference.fingerprint_mismatch(resolved["fingerprints"])):
+        raise RuntimeError(f"reference.run_dir={reference.run_dir} is not a reference for this run: {why}")
     if denv.is_main:
         write_run_config(run_dir, resolved)
         write_job_info(run_dir, start_step=start_step)
         truncate_metrics(run_dir / "metrics.jsonl", after_step=start_step)
     loggers = build_loggers(cfg, run_dir=run_dir, config=resolved, is_main=denv.is_main)
-    return Run(cfg, plan, denv, run_dir, data, schedule, recipe, engine, loggers, guard, start_step=start_step)
+    names = {n for n, _ in engine.module.named_parameters()}
+    stat_params = [f"{m}.weight" for m in (report.converted or report.kept) if f"{m}.weight" in names]
+    tracker = DivergenceTracker(threshold=cfg.reference.threshold, decay=cfg.reference.ema)
+    return Run(cfg, plan, denv, run_dir, data, schedule, recipe, engine, loggers, guard, reference, tracker,
+               stat_params, start_step=start_step)
+
+
+def build_reference(cfg: RunConfig, plan: Plan, ref_model: torch.nn.Module | None):
+    if cfg.reference.run_dir:
+        return FileReference(cfg.reference.run_dir)
+    if ref_model is None:
+        return None
+    ref_cfg = replace(cfg, recipe=replace(cfg.recipe, name=cfg.reference.precision, precision=cfg.reference.precision))
+    return LockstepReference(build_engine(ref_model, ref_cfg, plan), world_size=plan.world_size)
 
 
 def write_job_info(run_dir: Path, *, start_step: int) -> None:
@@ -154,7 +182,10 @@ def maybe_resume(engine: Any, cfg: RunConfig, run_dir: Path, denv: lbdist.DistEn
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    run.engine.save_checkpoint(str(run.run_dir / CHECKPOINT_DIR), tag=f"step_{step:07d}", client_state={"step": step})
+    tag = f"step_{step:07d}"
+    if isinstance(run.reference, LockstepReference):  # first, so `latest` of the run implies the reference's
+        run.reference.engine.save_checkpoint(str(run.run_dir / REFERENCE_CHECKPOINT_DIR), tag=tag)
+    run.engine.save_checkpoint(str(run.run_dir / CHECKPOINT_DIR), tag=tag, client_state={"step": step})
 
 
 def micro_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -223,19 +254,29 @@ def train_loop(run: Run) -> dict[str, Any]:
     params = [p for p in engine.module.parameters() if p.requires_grad]
     window_start, window_steps, tok_rates = time.perf_counter(), 0, []
     last: dict[str, Any] = {}
+    lockstep = run.reference if isinstance(run.reference, LockstepReference) else None
     for step in range(run.start_step + 1, t.max_steps + 1):
-        is_log = step % t.log_every == 0 or step % t.eval_every == 0 or step == t.max_steps
+        is_stat = bool(run.cfg.stats.every) and step % run.cfg.stats.every == 0
+        is_log = is_stat or step % t.log_every == 0 or step % t.eval_every == 0 or step == t.max_steps
+        capture = run.stat_params if (is_stat and lockstep) else None
         lr = engine.get_lr()[0]  # the lr this step applies
-        losses, manual_norm = [], None
+        losses, manual_norm, grads = [], None, {}
         for x, y in micro_batches(run, step):
             with run.recipe.forward_context():
                 loss = engine(x, y)
             engine.backward(loss)
-            if is_log and engine.is_gradient_accumulation_boundary():
-                manual_norm = grad_global_norm(params)  # only used where DeepSpeed reports None
+            if engine.is_gradient_accumulation_boundary():
+                if is_log:
+                    manual_norm = grad_global_norm(params)  # only used where DeepSpeed reports None
+                if capture:
+                    grads = full_grads(engine, capture)
             engine.step()
             losses.append(loss.detach())
+            if run.reference is not None:
+                run.reference.micro_step(x, y, capture=capture)
         run.recipe.on_optimizer_step()
+        if run.reference is not None:
+            run.reference.end_step()
         window_steps += 1
 
         if is_log:
@@ -243,6 +284,10 @@ def train_loop(run: Run) -> dict[str, Any]:
                 torch.cuda.synchronize()
             step_time = (time.perf_counter() - window_start) / window_steps
             metrics = step_metrics(run, step, losses=losses, lr=lr, manual_norm=manual_norm, step_time=step_time)
+            ref_loss = run.reference.step_loss(step) if run.reference is not None else None
+            metrics.update(run.tracker.update(step, metrics["train/loss"], ref_loss))
+            if capture:
+                metrics.update(lockstep.layer_metrics(engine, grads, run.stat_params))
             run.loggers.log(metrics, step)
             last.update(metrics)
             tok_rates.append(metrics["perf/tokens_per_s"])
@@ -263,6 +308,7 @@ def train_loop(run: Run) -> dict[str, Any]:
         "final/val_loss": last.get("val/loss"),
         "final/step": t.max_steps,
         "perf/mean_tokens_per_s": float(np.mean(tok_rates[1:] or tok_rates)) if tok_rates else None,
+        **run.tracker.summary(),
     }
 
 

@@ -65,6 +65,29 @@ def check_recipe_on_model(cfg: RunConfig) -> None:
         raise ConfigError(e.key, e.value, e.fix) from None
 
 
+def check_reference(cfg: RunConfig) -> None:
+    from dataclasses import asdict
+
+    from train.divergence import load_reference_run, reference_mismatch
+
+    ref = cfg.reference
+    _one_of("reference.mode", ref.mode, ("none", "lockstep"))
+    _one_of("reference.precision", ref.precision, ("bf16", "fp32"))
+    if not 0 <= ref.ema < 1:
+        raise ConfigError("reference.ema", ref.ema, "must be in [0, 1)")
+    if ref.run_dir is None:
+        return
+    if ref.mode == "lockstep":
+        raise ConfigError("reference.run_dir", ref.run_dir, "use either reference.run_dir or reference.mode=lockstep")
+    if not (os.path.isfile(os.path.join(ref.run_dir, "metrics.jsonl"))
+            and os.path.isfile(os.path.join(ref.run_dir, "run_config.yaml"))):
+        raise ConfigError("reference.run_dir", ref.run_dir, "not a lowbit run directory (needs metrics.jsonl and run_config.yaml)")
+    ref_cfg, _ = load_reference_run(ref.run_dir)
+    why = reference_mismatch({"config": asdict(cfg)}, ref_cfg)
+    if why:
+        raise ConfigError("reference.run_dir", ref.run_dir, f"not a reference for this run: {why}")
+
+
 def validate(cfg: RunConfig, *, world_size: int) -> Plan:
     m, t, p, r = cfg.model, cfg.trainer, cfg.parallel, cfg.recipe
     # model
@@ -106,6 +129,10 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
     if t.resume not in ("none", "auto") and not os.path.isdir(t.resume):
         raise ConfigError("trainer.resume", t.resume, "use none, auto, or an existing checkpoint directory")
     _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    if cfg.stats.shadow_formats:
+        raise ConfigError("stats.shadow_formats", cfg.stats.shadow_formats, "shadow formats are not implemented yet; leave it empty")
+    if cfg.stats.every < 0:
+        raise ConfigError("stats.every", cfg.stats.every, "must be >= 0 (0 disables the heavy statistics)")
     device = resolve_device(t.device)
     if device == "cuda":
         import torch
@@ -132,6 +159,7 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
             "recipe.precision", "fp16", "DeepSpeed refuses fp16 on its CPU accelerator; use +recipe=bf16 or run on a GPU"
         )
     check_recipe_on_model(cfg)
+    check_reference(cfg)
     # data (cheap checks only: files exist, corpus installed)
     try:
         source_files(cfg.data)

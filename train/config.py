@@ -148,6 +148,8 @@ class StatsConfig:
     """Heavy numerics statistics (per-layer gradients, lockstep drift) every N steps; 0 = never."""
     shadow_formats: list[str] = field(default_factory=list)
     """Formats to evaluate the live gradients in without touching training, e.g. [mxfp4_e2m1]."""
+    peak_tflops: float = 0.0
+    """Dense peak TFLOP/s per device for MFU; 0 = the device table (none for CPUs)."""
 
 
 @dataclass

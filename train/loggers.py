@@ -98,7 +98,10 @@ class WandbLogger:
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )
         self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")
+        # every key family plots against the optimizer step
+        for prefix in ("train", "val", "perf", "div", "grad", "act", "weight", "shadow", "fp8"):
+            self.run.define_metric(f"{prefix}/*", step_metric="step")
+        self.run.define_metric("val/loss", step_metric="step", summary="min")
 
     @staticmethod
     def _run_id(run_dir: Path) -> str:
@@ -111,7 +114,10 @@ class WandbLogger:
         return path.read_text().strip()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log({"step": step, **metrics}, step=step)
+        import wandb
+
+        row = {k: wandb.Histogram(v) if k.endswith("_hist") and isinstance(v, list) else v for k, v in metrics.items()}
+        self.run.log({"step": step, **row}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         self.run.summary.update(values)

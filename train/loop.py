@@ -25,9 +25,12 @@ from train.divergence import DivergenceTracker, FileReference, LockstepReference
 from train.engine import build_engine, init_distributed, reset_deepspeed_state
 from train.envinfo import environment
 from train.loggers import MultiLogger, build_loggers
-from train.metrics import grad_global_norm, tokens_per_s, weights_fingerprint
+from train.metrics import grad_global_norm, weights_fingerprint
 from train.model import build_model, count_params
+from train.numstats import get_spec
+from train.perf import PerfMeter
 from train.preempt import PreemptionGuard
+from train.stats import GradStatsCollector, grad_spec_for, weight_metrics
 from train.validate import Plan
 
 CHECKPOINT_DIR = "checkpoints"
@@ -53,6 +56,8 @@ class Run:
     stat_params: list[str] = field(default_factory=list)
     """Weight parameters of the layers the heavy statistics look at (the converted Linear layers,
     or every Linear when the recipe converts none)."""
+    collector: GradStatsCollector | None = None
+    perf: PerfMeter | None = None
     start_step: int = 0
 
 
@@ -92,6 +97,7 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     engine = build_engine(model, cfg, plan)
     reference = build_reference(cfg, plan, ref_model)
 
+    perf = PerfMeter.build(cfg, vocab_size=vocab, world_size=plan.world_size, device=plan.device)
     start_step = maybe_resume(engine, cfg, run_dir, denv)
     if isinstance(reference, LockstepReference) and start_step:
         reference.engine.load_checkpoint(str(run_dir / REFERENCE_CHECKPOINT_DIR))
@@ -105,6 +111,7 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
             "vocab_size": vocab,
             "num_params": count_params(model),
             "recipe": recipe.describe(),
+            "perf": perf.describe(),
         },
         "fingerprints": {"init_weights": init_fp, "data": data.fingerprint, "data_order": order_fingerprint(schedule)},
         "env": environment(plan.device),
@@ -119,8 +126,14 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     names = {n for n, _ in engine.module.named_parameters()}
     stat_params = [f"{m}.weight" for m in (report.converted or report.kept) if f"{m}.weight" in names]
     tracker = DivergenceTracker(threshold=cfg.reference.threshold, decay=cfg.reference.ema)
+    collector = None
+    if cfg.stats.every:
+        collector = GradStatsCollector(engine.module, [n.removesuffix(".weight") for n in stat_params],
+                                       spec=grad_spec_for(cfg.recipe),
+                                       shadow={f: get_spec(f) for f in cfg.stats.shadow_formats},
+                                       world_size=plan.world_size)
     return Run(cfg, plan, denv, run_dir, data, schedule, recipe, engine, loggers, guard, reference, tracker,
-               stat_params, start_step=start_step)
+               stat_params, collector, perf, start_step=start_step)
 
 
 def build_reference(cfg: RunConfig, plan: Plan, ref_model: torch.nn.Module | None):
@@ -232,15 +245,14 @@ def grad_norm_after_step(run: Run, manual: torch.Tensor | None) -> float:
 
 
 def step_metrics(run: Run, step: int, *, losses: list[torch.Tensor], lr: float, manual_norm: torch.Tensor | None,
-                 step_time: float) -> dict[str, Any]:
+                 step_time: float, data_time: float) -> dict[str, Any]:
     """The logged values of one step (host syncs happen here, on log steps only)."""
     t = run.cfg.trainer
     metrics: dict[str, Any] = {
         "train/loss": mean_across_ranks(torch.stack(losses).float().mean(), run.denv),
         "train/lr": lr,
         "train/grad_norm": grad_norm_after_step(run, manual_norm),
-        "perf/step_time_s": step_time,
-        "perf/tokens_per_s": tokens_per_s(tokens=t.global_batch_size * run.cfg.model.seq_len, seconds=step_time),
+        **run.perf.metrics(step_time=step_time, data_time=data_time),
     }
     if step % t.eval_every == 0 or step == t.max_steps:
         metrics["val/loss"] = evaluate(run)
@@ -252,7 +264,7 @@ def step_metrics(run: Run, step: int, *, losses: list[torch.Tensor], lr: float, 
 def train_loop(run: Run) -> dict[str, Any]:
     t, engine = run.cfg.trainer, run.engine
     params = [p for p in engine.module.parameters() if p.requires_grad]
-    window_start, window_steps, tok_rates = time.perf_counter(), 0, []
+    window_start, window_steps, data_time, tok_rates, mfus = time.perf_counter(), 0, 0.0, [], []
     last: dict[str, Any] = {}
     lockstep = run.reference if isinstance(run.reference, LockstepReference) else None
     for step in range(run.start_step + 1, t.max_steps + 1):
@@ -260,8 +272,13 @@ def train_loop(run: Run) -> dict[str, Any]:
         is_log = is_stat or step % t.log_every == 0 or step % t.eval_every == 0 or step == t.max_steps
         capture = run.stat_params if (is_stat and lockstep) else None
         lr = engine.get_lr()[0]  # the lr this step applies
-        losses, manual_norm, grads = [], None, {}
-        for x, y in micro_batches(run, step):
+        losses, manual_norm, grads, weights = [], None, {}, {}
+        t_data = time.perf_counter()
+        batches = micro_batches(run, step)
+        data_time += time.perf_counter() - t_data
+        if is_stat and run.collector:
+            run.collector.arm()
+        for x, y in batches:
             with run.recipe.forward_context():
                 loss = engine(x, y)
             engine.backward(loss)
@@ -270,10 +287,14 @@ def train_loop(run: Run) -> dict[str, Any]:
                     manual_norm = grad_global_norm(params)  # only used where DeepSpeed reports None
                 if capture:
                     grads = full_grads(engine, capture)
+                if is_stat:
+                    weights = weight_metrics(engine, [n.removesuffix(".weight") for n in run.stat_params])
             engine.step()
             losses.append(loss.detach())
             if run.reference is not None:
                 run.reference.micro_step(x, y, capture=capture)
+        if is_stat and run.collector:
+            run.collector.disarm()
         run.recipe.on_optimizer_step()
         if run.reference is not None:
             run.reference.end_step()
@@ -283,7 +304,14 @@ def train_loop(run: Run) -> dict[str, Any]:
             if run.plan.device == "cuda":
                 torch.cuda.synchronize()
             step_time = (time.perf_counter() - window_start) / window_steps
-            metrics = step_metrics(run, step, losses=losses, lr=lr, manual_norm=manual_norm, step_time=step_time)
+            metrics = step_metrics(run, step, losses=losses, lr=lr, manual_norm=manual_norm, step_time=step_time,
+                                   data_time=data_time / window_steps)
+            if is_stat:
+                metrics["grad/global_norm"] = metrics["train/grad_norm"]
+                metrics.update(weights)
+                if run.collector:
+                    metrics.update(run.collector.reduce(distributed=run.denv.is_distributed))
+                metrics.update(run.recipe.telemetry() if hasattr(run.recipe, "telemetry") else {})
             ref_loss = run.reference.step_loss(step) if run.reference is not None else None
             metrics.update(run.tracker.update(step, metrics["train/loss"], ref_loss))
             if capture:
@@ -291,6 +319,8 @@ def train_loop(run: Run) -> dict[str, Any]:
             run.loggers.log(metrics, step)
             last.update(metrics)
             tok_rates.append(metrics["perf/tokens_per_s"])
+            if "perf/mfu_bf16_peak" in metrics:
+                mfus.append(metrics["perf/mfu_bf16_peak"])
         checkpointed = bool(t.checkpoint_every) and (step % t.checkpoint_every == 0 or step == t.max_steps)
         if checkpointed:
             save_checkpoint(run, step)
@@ -300,7 +330,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                 save_checkpoint(run, step)
             return {"state": "preempted", "final/step": step}
         if is_log:
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, data_time = time.perf_counter(), 0, 0.0
 
     return {
         "state": "completed",
@@ -308,6 +338,7 @@ def train_loop(run: Run) -> dict[str, Any]:
         "final/val_loss": last.get("val/loss"),
         "final/step": t.max_steps,
         "perf/mean_tokens_per_s": float(np.mean(tok_rates[1:] or tok_rates)) if tok_rates else None,
+        "perf/mean_mfu_bf16_peak": float(np.mean(mfus[1:] or mfus)) if mfus else None,
         **run.tracker.summary(),
     }
 

@@ -129,8 +129,10 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
     if t.resume not in ("none", "auto") and not os.path.isdir(t.resume):
         raise ConfigError("trainer.resume", t.resume, "use none, auto, or an existing checkpoint directory")
     _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
-    if cfg.stats.shadow_formats:
-        raise ConfigError("stats.shadow_formats", cfg.stats.shadow_formats, "shadow formats are not implemented yet; leave it empty")
+    from train.numstats import FORMAT_SPECS
+
+    for fmt in cfg.stats.shadow_formats:
+        _one_of("stats.shadow_formats", fmt, sorted(FORMAT_SPECS))
     if cfg.stats.every < 0:
         raise ConfigError("stats.every", cfg.stats.every, "must be >= 0 (0 disables the heavy statistics)")
     device = resolve_device(t.device)

@@ -1,0 +1,213 @@
+"""Model FLOPs per token, achieved TFLOP/s, and MFU against a table of dense device peaks.
+
+FLOP count (training: forward + backward, per token, no activation recompute)
+----------------------------------------------------------------------------
+``flops_per_token = 6 * N + 12 * L * T * D`` (``causal_attention=False``, default)
+
+* ``N`` = weights of every GEMM the model runs per token, counted from
+  ``train/model.py``: per layer ``qkv`` (3 D^2), ``attn.proj`` (D^2),
+  ``mlp.fc`` (D * F, or D * 2F for SwiGLU's fused gate+up) and ``mlp.proj``
+  (F * D), times ``L`` layers, plus the **lm_head** (D * V): it is a GEMM on
+  every token, so it counts, tied to the embedding or not. Embedding lookups
+  (``tok_emb``, ``pos_emb``) are gathers, not GEMMs: not counted. Biases,
+  norms, activations, softmax and RoPE are left out (well under 1%).
+  A GEMM with W of shape (n, k) costs 2 n k FLOPs per token forward and twice
+  that backward (dgrad + wgrad): 6 n k in all.
+* Attention scores and mixing: per token and layer the forward does
+  ``QK^T`` (2 T D) and ``PV`` (2 T D) against all ``T`` positions; times 3 for
+  forward + backward: ``12 L T D``.
+
+This is the formula of the PaLM paper (Chowdhery et al. 2022, appendix B:
+``6N + 12 L H Q T`` with ``H Q = D``), which nanoGPT's ``estimate_mfu`` uses,
+so MFU numbers compare with published ones. It counts the full T x T score
+matrix; a causal kernel (FlashAttention, SDPA ``is_causal``) skips about half
+of it: ``causal_attention=True`` counts ``6 L T D`` instead (the work done, not
+the PaLM convention). nanoGPT's ``N`` is the parameter count without position
+embeddings (its tied ``wte`` standing in for the lm_head, plus norm weights);
+ours is the GEMM weights exactly.
+
+Peaks and MFU
+-------------
+``achieved_tflops = tokens_per_s * flops_per_token / 1e12``; pass tokens/s per
+device for a per-device figure. ``mfu = achieved_tflops / peak``, a fraction
+(0..1). :data:`PEAK_TFLOPS` holds **dense** (no 2:4 sparsity) tensor-core
+peaks per GPU; ``peak_tflops`` returns None on CPU and unknown devices (MFU is
+not defined there: log it as absent, never as 0). The caller names the
+denominator in the key: ``perf/mfu_bf16_peak`` (``peak_tflops(dev, "bf16")``)
+and ``perf/mfu_format_peak`` (``device_peak_for_format(dev, family)``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from train.config import ModelConfig
+from train.model import ffn_width
+
+__all__ = [
+    "FORMAT_FAMILY_DTYPE",
+    "PEAK_TFLOPS",
+    "achieved_tflops",
+    "device_peak_for_format",
+    "flops_per_token",
+    "gemm_params",
+    "mfu",
+    "peak_tflops",
+]
+
+# Dense tensor-core peaks per GPU, TFLOP/s (int8: TOPS), keyed by
+# (regex on torch.cuda.get_device_name(), dtype). The FIRST device pattern
+# that matches decides (more specific patterns come first); a dtype that
+# device lacks gives None. Sources: vendor datasheets / whitepapers, dense
+# (the datasheets' "with sparsity" figures halved).
+PEAK_TFLOPS: dict[tuple[str, str], float] = {
+    # H100 PCIe: NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022), dense.
+    (r"\bH100\b.*\bPCIe\b", "bf16"): 756.0,
+    (r"\bH100\b.*\bPCIe\b", "fp16"): 756.0,
+    (r"\bH100\b.*\bPCIe\b", "fp8"): 1513.0,
+    (r"\bH100\b.*\bPCIe\b", "int8"): 1513.0,
+    # H100 NVL (unverified: H100 NVL datasheet per GPU, 1671 / 3341 with sparsity, halved).
+    (r"\bH100\b.*\bNVL\b", "bf16"): 835.5,
+    (r"\bH100\b.*\bNVL\b", "fp16"): 835.5,
+    (r"\bH100\b.*\bNVL\b", "fp8"): 1670.5,
+    (r"\bH100\b.*\bNVL\b", "int8"): 1670.5,
+    # H100 SXM5 ("NVIDIA H100 80GB HBM3"): Hopper whitepaper, dense.
+    (r"\bH100\b", "bf16"): 989.4,
+    (r"\bH100\b", "fp16"): 989.4,
+    (r"\bH100\b", "fp8"): 1978.9,
+    (r"\bH100\b", "int8"): 1978.9,
+    # H200 NVL (unverified: H200 NVL datasheet, 1671 / 3341 with sparsity, halved).
+    (r"\bH200\b.*\bNVL\b", "bf16"): 835.5,
+    (r"\bH200\b.*\bNVL\b", "fp16"): 835.5,
+    (r"\bH200\b.*\bNVL\b", "fp8"): 1670.5,
+    (r"\bH200\b.*\bNVL\b", "int8"): 1670.5,
+    # H200 SXM: the H100 SXM tensor cores (H200 datasheet: 1979 / 3958 with sparsity).
+    (r"\bH200\b", "bf16"): 989.4,
+    (r"\bH200\b", "fp16"): 989.4,
+    (r"\bH200\b", "fp8"): 1978.9,
+    (r"\bH200\b", "int8"): 1978.9,
+    # GH200 (unverified: GH200 datasheet lists the H100 SXM figures).
+    (r"\bGH200\b", "bf16"): 989.4,
+    (r"\bGH200\b", "fp16"): 989.4,
+    (r"\bGH200\b", "fp8"): 1978.9,
+    (r"\bGH200\b", "int8"): 1978.9,
+    # A100 (SXM4 and PCIe alike): A100 datasheet, dense. No FP8 / FP4.
+    (r"\bA100\b", "bf16"): 312.0,
+    (r"\bA100\b", "fp16"): 312.0,
+    (r"\bA100\b", "int8"): 624.0,
+    # B200 (unsure: HGX B200 datasheet, 8-GPU figures with sparsity / 8 / 2; the
+    # per-GPU figure depends on the board's power limit). FP6 runs at the FP8 rate.
+    (r"\bB200\b", "bf16"): 2250.0,
+    (r"\bB200\b", "fp16"): 2250.0,
+    (r"\bB200\b", "fp8"): 4500.0,
+    (r"\bB200\b", "fp6"): 4500.0,
+    (r"\bB200\b", "int8"): 4500.0,
+    (r"\bB200\b", "fp4"): 9000.0,
+}
+
+_DTYPE_ALIASES = {
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    "fp8": "fp8",
+    "fp6": "fp6",
+    "fp4": "fp4",
+    "int8": "int8",
+}
+_TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
+
+#: a recipe's GEMM format family -> the peak dtype it runs at (None: no tensor-core peak in the table)
+FORMAT_FAMILY_DTYPE: dict[str, str | None] = {
+    "bf16": "bf16",
+    "fp16": "fp16",
+    "fp32": None,
+    "fp8": "fp8",
+    "fp8_e4m3": "fp8",
+    "fp8_e5m2": "fp8",
+    "mxfp8": "fp8",
+    "mxfp8_e4m3": "fp8",
+    "mxfp8_e5m2": "fp8",
+    "fp6": "fp6",
+    "mxfp6": "fp6",
+    "mxfp6_e3m2": "fp6",
+    "mxfp6_e2m3": "fp6",
+    "fp4": "fp4",
+    "nvfp4": "fp4",
+    "mxfp4": "fp4",
+    "mxfp4_e2m1": "fp4",
+    "int8": "int8",
+    "mxint8": "int8",
+}
+
+
+def gemm_params(model_cfg: ModelConfig, *, vocab_size: int) -> int:
+    """``N``: weights of all GEMMs per token (module docstring), lm_head included, embeddings not."""
+    d, f = model_cfg.d_model, ffn_width(model_cfg)
+    fc_out = 2 * f if model_cfg.mlp == "swiglu" else f
+    per_layer = 3 * d * d + d * d + d * fc_out + f * d
+    return model_cfg.n_layers * per_layer + d * vocab_size
+
+
+def flops_per_token(
+    model_cfg: ModelConfig, *, vocab_size: int, seq_len: int, causal_attention: bool = False
+) -> int:
+    """Training FLOPs per token: ``6 N + 12 L T D`` (PaLM / nanoGPT), or ``6 N + 6 L T D`` if causal."""
+    n = gemm_params(model_cfg, vocab_size=vocab_size)
+    attn = (6 if causal_attention else 12) * model_cfg.n_layers * seq_len * model_cfg.d_model
+    return 6 * n + attn
+
+
+def achieved_tflops(tokens_per_s: float, flops_per_token: float) -> float:
+    """``tokens_per_s * flops_per_token / 1e12`` (per device when tokens/s is per device)."""
+    return tokens_per_s * flops_per_token / 1e12
+
+
+def _norm_dtype(dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _TORCH_DTYPES:
+            raise ValueError(f"no peak dtype for {dtype}; valid: {sorted(set(_DTYPE_ALIASES.values()))}")
+        return _TORCH_DTYPES[dtype]
+    key = str(dtype).lower()
+    if key not in _DTYPE_ALIASES:
+        raise ValueError(f"unknown peak dtype {dtype!r}; valid: {', '.join(_DTYPE_ALIASES)}")
+    return _DTYPE_ALIASES[key]
+
+
+def peak_tflops(device_name: str | None, dtype: str | torch.dtype) -> float | None:
+    """Dense peak TFLOP/s of ``device_name`` (as ``torch.cuda.get_device_name()``) in ``dtype``.
+
+    None for CPU, an unknown device, or a dtype the device has no tensor-core
+    rate for (A100 fp8): MFU is then undefined.
+    """
+    key = _norm_dtype(dtype)
+    if not device_name:
+        return None
+    for pattern in dict.fromkeys(p for p, _ in PEAK_TFLOPS):
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return PEAK_TFLOPS.get((pattern, key))
+    return None
+
+
+def device_peak_for_format(device_name: str | None, format_family: str) -> float | None:
+    """Peak for a recipe's GEMM format family: mxfp8 -> fp8 peak, nvfp4/mxfp4 -> fp4 peak, ...
+
+    None where the device has no rate for it (Hopper fp4/fp6, A100 fp8) or for
+    fp32 (no FP32 tensor-core peak in the table). An emulated recipe's GEMMs
+    run in BF16: pass ``"bf16"`` for it.
+    """
+    key = format_family.lower()
+    if key not in FORMAT_FAMILY_DTYPE:
+        raise ValueError(f"unknown format family {format_family!r}; valid: {', '.join(FORMAT_FAMILY_DTYPE)}")
+    dtype = FORMAT_FAMILY_DTYPE[key]
+    return None if dtype is None else peak_tflops(device_name, dtype)
+
+
+def mfu(tflops: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation ``tflops / peak`` as a fraction; None when the peak is unknown."""
+    if peak is None or peak <= 0:
+        return None
+    return tflops / peak

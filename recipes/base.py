@@ -1,4 +1,4 @@
-"""Recipe protocol, registry and the Linear-layer filter shared by all recipes.
+"""Recipe protocol and registry (the Linear-layer filter is ``recipes.filter``).
 
 A recipe is a small object built from a ``RecipeConfig``:
 
@@ -8,6 +8,7 @@ A recipe is a small object built from a ``RecipeConfig``:
 * ``convert(model)``  swaps the modules it quantizes and reports what it did;
 * ``forward_context`` wraps each forward pass (e.g. an FP8 autocast);
 * ``on_optimizer_step`` updates per-step state (e.g. delayed-scaling amaxes);
+* ``state_dict`` / ``load_state_dict`` carry that state through checkpoints;
 * ``describe()``      a dict for the run config and W&B.
 
 Adding a recipe is one module that calls ``register_recipe`` plus one YAML in
@@ -99,6 +100,18 @@ class Recipe:
     def on_optimizer_step(self) -> None:
         return None
 
+    def telemetry(self) -> dict[str, float]:
+        """Recipe state worth logging on stat steps (e.g. ``fp8/<tensor>/scale``)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Recipe state a checkpoint must carry (e.g. delayed-scaling amax histories); {} if none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (an empty dict is a no-op)."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {
             "config": asdict(self.cfg),
@@ -140,6 +153,7 @@ def known_recipes() -> list[str]:
 def _load_builtin_recipes() -> None:
     # Importing a recipe module registers it. Keep this list the only place that
     # names the built-in modules.
+    import recipes.emulated  # noqa: F401
     import recipes.precision  # noqa: F401
 
 

@@ -63,3 +63,26 @@ def test_stats_reduced_across_zero3_ranks_match_one_rank(tmp_path):
         assert two[key] == pytest.approx(one[key], rel=1e-3), key
     assert two[f"shadow/mxfp8_e4m3/{LAYER}/underflow_frac"] == pytest.approx(
         one[f"shadow/mxfp8_e4m3/{LAYER}/underflow_frac"], abs=1e-4)
+
+
+def test_issue_command_mxfp4_lockstep_writes_every_family(tmp_path):
+    """The telemetry issue's command: +recipe=mxfp4_e2m1 reference.mode=lockstep stats.every=10 max_steps=50."""
+    res = run_lowbit(["+recipe=mxfp4_e2m1", "reference.mode=lockstep", "stats.every=10", "trainer.max_steps=50",
+                      "trainer.eval_sequences=16"], run_dir=tmp_path)
+    rows = res.metrics
+    stat = [r for r in rows if r["step"] % 10 == 0]
+    assert [r["step"] for r in stat] == [10, 20, 30, 40, 50]
+    for r in stat:
+        assert {"train", "perf", "div", "grad", "act", "weight"} <= families(r)
+        # against the recipe's own gradient format (MXFP4): FP4 underflows a visible share of dY
+        assert 0 < r[f"grad/{LAYER}/underflow_frac"] < 1 and r[f"grad/{LAYER}/sqnr_db"] < 30
+        assert r[f"div/weight_drift/{LAYER}"] > 0 and r["div/loss_delta"] != 0
+    assert res.run_config["resolved"]["recipe"]["resolved_backend"] == "emulated"
+    wb = read_run(find_run_files(res.run_dir)[0])
+    hist = [{k: v for k, v in row.items() if not k.startswith("_")} for row in wb["history"]]
+    by_step = {h["step"]: h for h in hist}
+    for r in stat:
+        h = by_step[r["step"]]
+        assert h["grad/underflow_frac_hist/_type"] == "histogram"  # a W&B histogram per stat step
+        assert {k: v for k, v in h.items() if "_hist" not in k} == {k: v for k, v in r.items() if "_hist" not in k}
+    assert "div/first_divergence_step" in wb["summary"] and wb["summary"]["final/train_loss"] == rows[-1]["train/loss"]

@@ -98,7 +98,7 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     reference = build_reference(cfg, plan, ref_model)
 
     perf = PerfMeter.build(cfg, vocab_size=vocab, world_size=plan.world_size, device=plan.device)
-    start_step = maybe_resume(engine, cfg, run_dir, denv)
+    start_step = maybe_resume(engine, cfg, run_dir, denv, recipe)
     if isinstance(reference, LockstepReference) and start_step:
         reference.engine.load_checkpoint(str(run_dir / REFERENCE_CHECKPOINT_DIR))
     resolved = {
@@ -179,7 +179,7 @@ def write_run_config(run_dir: Path, resolved: dict[str, Any]) -> None:
         yaml.safe_dump(resolved, f, sort_keys=False)
 
 
-def maybe_resume(engine: Any, cfg: RunConfig, run_dir: Path, denv: lbdist.DistEnv) -> int:
+def maybe_resume(engine: Any, cfg: RunConfig, run_dir: Path, denv: lbdist.DistEnv, recipe: Recipe) -> int:
     resume = cfg.trainer.resume
     if resume == "none":
         return 0
@@ -189,6 +189,7 @@ def maybe_resume(engine: Any, cfg: RunConfig, run_dir: Path, denv: lbdist.DistEn
             log0(denv, f"trainer.resume={resume}: no checkpoint in {ckpt}, starting from step 0")
         return 0
     _, client = engine.load_checkpoint(str(ckpt))
+    recipe.load_state_dict(client.get("recipe", {}))  # e.g. delayed-scaling amax histories
     step = int(client["step"])
     log0(denv, f"resumed from {ckpt} at step {step}")
     return step
@@ -198,7 +199,8 @@ def save_checkpoint(run: Run, step: int) -> None:
     tag = f"step_{step:07d}"
     if isinstance(run.reference, LockstepReference):  # first, so `latest` of the run implies the reference's
         run.reference.engine.save_checkpoint(str(run.run_dir / REFERENCE_CHECKPOINT_DIR), tag=tag)
-    run.engine.save_checkpoint(str(run.run_dir / CHECKPOINT_DIR), tag=tag, client_state={"step": step})
+    run.engine.save_checkpoint(str(run.run_dir / CHECKPOINT_DIR), tag=tag,
+                               client_state={"step": step, "recipe": run.recipe.state_dict()})
 
 
 def micro_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -311,7 +313,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                 metrics.update(weights)
                 if run.collector:
                     metrics.update(run.collector.reduce(distributed=run.denv.is_distributed))
-                metrics.update(run.recipe.telemetry() if hasattr(run.recipe, "telemetry") else {})
+                metrics.update(run.recipe.telemetry())
             ref_loss = run.reference.step_loss(step) if run.reference is not None else None
             metrics.update(run.tracker.update(step, metrics["train/loss"], ref_loss))
             if capture:

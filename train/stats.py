@@ -39,7 +39,12 @@ _FP8_GRAD = {"HYBRID": "fp8_e5m2", "E4M3": "fp8_e4m3"}
 
 
 def grad_spec_for(recipe_cfg: Any) -> FormatSpec | None:
-    """The format the recipe quantizes dY to, as a numstats spec (None: not quantized)."""
+    """The format the recipe quantizes dY to, as a numstats spec (None: not quantized).
+
+    MX and NVFP4 recipes map exactly (format, block size, scale rule). FP8 recipes
+    (delayed, current, rowwise, block) map to the dY element format with per-tensor
+    *current* scaling: exact for ``fp8_current``, an approximation for the others
+    (delayed scales lag the amax; rowwise/block scales are finer)."""
     quantizer = getattr(recipe_cfg, "quantizer", "none")
     fmt = getattr(recipe_cfg, "grad_output_format", None)
     if quantizer in (None, "none") or (quantizer == "mx" and not fmt):

@@ -1,0 +1,351 @@
+"""Emulated quantized-training recipes: MX, NVFP4 and FP8 twins, run as fake quantization.
+
+Numerics
+--------
+Engine: exactly the ``bf16`` recipe's (DeepSpeed bf16 mode: BF16 parameters,
+activations and gradients, FP32 master weights and AdamW state, FP32 gradient
+reduction under ZeRO). Only the operands of the converted GEMMs differ.
+
+Converted layers (``recipes.filter``): every ``nn.Linear`` except the ones a
+``recipe.skip_modules`` regex matches (default: ``lm_head``) and those in the
+first ``keep_first_blocks`` / last ``keep_last_blocks`` blocks. Embeddings,
+norms, GELU, softmax, the loss and residual adds stay BF16/FP32. With
+``quantize_attention`` the QK^T and PV matmuls are quantized too: Q, K, P and V
+in ``input_format`` (blocks along the head dim for QK^T, along keys for PV),
+their gradients dS and dO in ``grad_output_format``, the backward copies of
+the operands in ``input_wgrad_format``; scaling, masking and softmax stay FP32.
+
+In each converted Linear (``recipes.qlinear``), with ``x:[M,K]``, ``W:[N,K]``:
+
+======================  =====================  ==========================  ================
+operand                 format field           blocks along                rounding
+======================  =====================  ==========================  ================
+x   (forward)           ``input_format``       K                           ``rounding``
+W   (forward)           ``weight_format``      K (or 2-D tiles)            ``rounding``
+dY  (dgrad, wgrad)      ``grad_output_format`` N (dgrad), tokens (wgrad)   ``grad_rounding``
+W   (dgrad)             ``weight_dgrad_format`` N (or 2-D tiles)           ``rounding``
+x   (wgrad)             ``input_wgrad_format`` tokens                      ``rounding``
+======================  =====================  ==========================  ================
+
+A null format keeps that operand in high precision; ``same`` copies the
+forward role's format. Every operand is quantize-dequantized in FP32 and the
+GEMM accumulates in FP32; the output is rounded once to BF16; the bias is
+added in FP32. The backward pass re-quantizes from the BF16 ``x`` and ``W``.
+
+Scale granularity and rule, per ``recipe.quantizer``:
+
+* ``mx``: OCP MX, ``block_size`` elements share an E8M0 scale
+  ``2^(floor(log2 amax) - emax)`` (``scale_rule: floor``; ``rceil`` =
+  NVIDIA's round-up ``2^ceil(log2(amax/max))``), elements saturate to the
+  format's max, subnormals kept, a block with NaN/Inf becomes all NaN
+  (``recipes.mx.quantize``).
+* ``nvfp4``: FP4 E2M1 in 16-element blocks with E4M3 block scales and an FP32
+  tensor scale; ``weight_2d_blocks`` gives TE's 16x16 weight tiles;
+  ``grad_rounding: stochastic`` is TE's SR on gradients; ``wgrad_hadamard``
+  applies TE's random 16x16 Hadamard transform to both wgrad operands.
+* ``fp8_current``: one FP32 scale per tensor ``fp8_max / amax`` of the tensor
+  itself (TE ``Float8CurrentScaling``).
+* ``fp8_delayed``: one FP32 scale per tensor from the max of an
+  ``amax_history_len``-step history of *earlier* steps,
+  ``(fp8_max / amax) / 2^margin`` (TE ``DelayedScaling``); histories are
+  updated once per optimizer step and amax-reduced (MAX) across data-parallel
+  ranks; evaluation forwards do not record amaxes.
+* ``fp8_rowwise``: one scale per row along the reduction dim, power-of-2,
+  amax floor 1e-12 (torchao ``rowwise``).
+* ``fp8_block``: 1 x ``block_size`` activation / gradient blocks along the
+  reduction dim and ``block_size``-square weight tiles, power-of-2 FP32 scales
+  (TE ``Float8BlockScaling``).
+
+FP8 elements are E4M3 (max 448) for x and W and, under ``fp8_format: HYBRID``,
+E5M2 (max 57344) for dY; casts are round-to-nearest-even and saturating
+(``recipes.fp8``).
+
+``recipe.compile`` (auto = on for CUDA only) runs the same functions under
+``torch.compile``: whole forward/backward GEMM bodies for pure quantizers
+(MX, NVFP4 and FP8 current/rowwise/block without stochastic rounding), the
+pure parts of each quantizer otherwise (delayed scaling, stochastic
+rounding). The bits are identical to eager.
+
+Not emulated: TE's FP8 storage of weights and activations
+between ops, its fused kernels' exact FP32 accumulation order, and FP8
+attention scales (``fp8_dpa``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from recipes.base import ConversionReport, Recipe, iter_linears, register_recipe
+from recipes.config import SAME, RecipeConfig
+from recipes.emulated_checks import (
+    BLOCKED_QUANTIZERS,
+    check_recipe_config,
+    config_error,
+    resolve_compile,
+    role_formats,
+)
+from recipes.filter import num_blocks, select_modules
+from recipes.fp8 import DelayedScaling, DelayedScalingState, format_for_role
+from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear
+from recipes.quantizers import (
+    FP8BlockRole,
+    FP8CurrentRole,
+    FP8DelayedRole,
+    FP8RowwiseRole,
+    MXRole,
+    NVFP4Role,
+    RoleQuantizer,
+    SRGenerator,
+    hadamard_tokens,
+)
+
+__all__ = ["EMULATED_RECIPES", "EmulatedRecipe", "check_recipe_config"]
+
+EMULATED_RECIPES = (
+    "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8", "mx_paper_w4a6",
+    "mxfp8", "nvfp4", "fp8_delayed", "fp8_current", "fp8_block", "fp8_rowwise",
+)  # fmt: skip
+
+
+@register_recipe(*EMULATED_RECIPES)
+class EmulatedRecipe(Recipe):
+    """Fake-quantized GEMM operands on the BF16 engine (module docstring)."""
+
+    backends = ("emulated",)
+
+    def __init__(self, cfg: RecipeConfig):
+        super().__init__(cfg)
+        self.device: str | None = None
+        self.sr = SRGenerator()
+        self.delayed: DelayedScalingState | None = None
+        if cfg.quantizer == "fp8_delayed":
+            self.delayed = DelayedScalingState(
+                DelayedScaling(
+                    fp8_format=cfg.fp8_format.upper(),
+                    margin=cfg.margin,
+                    amax_history_len=cfg.amax_history_len,
+                    amax_compute_algo=cfg.amax_compute_algo,
+                )
+            )
+        self.attention: list[str] = []
+        self.roles: dict[str, str] = {}
+        self._shared: LinearQuantizers | None = None
+        self.num_attention = 0
+
+    # ------------------------------------------------------------------ protocol
+    def resolve_backend(self, device: str) -> tuple[str, str | None]:
+        check_recipe_config(self.cfg)
+        self.device = device
+        return super().resolve_backend(device)
+
+    @property
+    def compile(self) -> bool:
+        return resolve_compile(self.cfg.compile, self.device)
+
+    def check(self, model: nn.Module) -> None:
+        """Settings, then block size vs every converted layer's reduction dims."""
+        cfg = self.cfg
+        check_recipe_config(cfg)
+        if cfg.quantizer not in BLOCKED_QUANTIZERS:
+            return
+        f = role_formats(cfg)
+        fwd = f["input_format"] is not None or f["weight_format"] is not None
+        dgrad = f["grad_output_format"] is not None or f["weight_dgrad_format"] is not None
+        linears = dict(iter_linears(model))
+        for name in self._select(model).converted:
+            lin = linears[name]
+            for on, dim, what in (
+                (fwd, lin.in_features, "in_features"),
+                (dgrad, lin.out_features, "out_features"),
+            ):
+                if on and dim % cfg.block_size:
+                    raise config_error(
+                        "block_size",
+                        cfg.block_size,
+                        f"must divide every converted layer's reduction dims, but {name}.{what}={dim}; "
+                        f"choose a block size dividing it, or keep {name} in high precision via recipe.skip_modules",
+                    )
+        if cfg.quantize_attention:
+            for name, attn in self._attention_modules(model):
+                if attn.head_dim % cfg.block_size:
+                    raise config_error(
+                        "block_size",
+                        cfg.block_size,
+                        f"must divide the head dim {attn.head_dim} of {name} (QK^T reduction) when "
+                        "recipe.quantize_attention=true",
+                    )
+
+    def convert(self, model: nn.Module) -> ConversionReport:
+        self.check(model)
+        decision = self._select(model)
+        linears = dict(iter_linears(model))
+        for name in decision.converted:
+            qs = self._linear_quantizers(name)
+            _set_submodule(model, name, QuantLinear.from_linear(linears[name], qs, name=name))
+            self.roles = qs.describe()
+        self.attention = []
+        self.num_attention = len(self._attention_modules(model))
+        if self.cfg.quantize_attention:
+            for name, attn in self._attention_modules(model):
+                core = f"{name}.core"
+                if core in self._select_names([core], model).converted:
+                    attn.core = QuantAttentionCore(self._matmul_quantizers(f"{core}.qk"),
+                                                   self._matmul_quantizers(f"{core}.pv"), name=core)  # fmt: skip
+                    self.attention.append(core)
+        self.report = ConversionReport(converted=list(decision.converted), kept=list(decision.kept))
+        return self.report
+
+    def on_optimizer_step(self) -> None:
+        if self.delayed is not None:
+            self.delayed.step(_amax_allreduce())
+
+    def telemetry(self) -> dict[str, float]:
+        """``fp8/<layer>/<role>/scale`` and ``.../amax`` (the newest completed amax and the max over
+        the history window) for delayed-scaling recipes; logged on stat steps. One host sync."""
+        if self.delayed is None or not self.delayed.names:
+            return {}
+        hist = self.delayed.amax_history.float()
+        vals = torch.stack([self.delayed.scales.float(), hist[-1], hist.amax(dim=0)], dim=1).tolist()
+        out: dict[str, float] = {}
+        for name, (scale, recent, window) in zip(self.delayed.names, vals):
+            out[f"fp8/{name}/scale"] = scale
+            out[f"fp8/{name}/amax"] = recent
+            out[f"fp8/{name}/amax_history_max"] = window
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Delayed-scaling histories/scales and the stochastic-rounding generator states."""
+        out: dict[str, Any] = {"sr": self.sr.state_dict()}
+        if self.delayed is not None:
+            out["delayed_scaling"] = self.delayed.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.delayed is not None and "delayed_scaling" in state:
+            self.delayed.load_state_dict(state["delayed_scaling"])
+        self.sr.load_state_dict(state.get("sr", {}))
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["quantizer"] = self.cfg.quantizer
+        d["roles"] = dict(self.roles)
+        d["compile"] = self.compile
+        d["attention"] = (
+            f"QK^T and PV quantized in {len(self.attention)}/{self.num_attention} attention cores"
+            if self.cfg.quantize_attention
+            else "QK^T and PV in high precision"
+        )
+        if self.delayed is not None:
+            d["delayed_scaling_tensors"] = len(self.delayed.names)
+        return d
+
+    # ------------------------------------------------------------------ helpers
+    def _select(self, model: nn.Module):
+        return self._select_names([n for n, _ in iter_linears(model)], model)
+
+    def _select_names(self, names: list[str], model: nn.Module):
+        total = num_blocks(n for n, _ in model.named_modules())
+        return select_modules(
+            names,
+            skip=self.cfg.skip_modules,
+            keep_first_blocks=self.cfg.keep_first_blocks,
+            keep_last_blocks=self.cfg.keep_last_blocks,
+            total_blocks=total,
+        )
+
+    @staticmethod
+    def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Modules with a replaceable ``core`` and a ``head_dim`` (``train.model.Attention``)."""
+        return [
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(getattr(m, "core", None), nn.Module) and hasattr(m, "head_dim")
+        ]
+
+    def _role(self, fmt: str | None, *, tensor: str, grad: bool, two_d: bool = False) -> RoleQuantizer | None:
+        """The quantizer of one operand; ``tensor`` = ``"<layer>/<role>"`` (delayed-scaling key)."""
+        if fmt is None:
+            return None
+        cfg = self.cfg
+        rounding = cfg.grad_rounding if grad and cfg.grad_rounding != SAME else cfg.rounding
+        q = cfg.quantizer
+        if q == "mx":
+            return MXRole(fmt, cfg.block_size, rounding, cfg.scale_rule, compile=self.compile, sr=self.sr)
+        if q == "nvfp4":
+            return NVFP4Role(rounding, two_d=two_d, sr=self.sr, compile=self.compile)
+        fp8 = format_for_role(cfg.fp8_format, tensor.rsplit("/", 1)[1])
+        if q == "fp8_current":
+            return FP8CurrentRole(fp8, cfg.power_2_scales, cfg.amax_epsilon, compile=self.compile)
+        if q == "fp8_delayed":
+            assert self.delayed is not None
+            self.delayed.register(tensor)
+            return FP8DelayedRole(self.delayed, tensor, compile=self.compile)
+        if q == "fp8_rowwise":
+            return FP8RowwiseRole(fp8, cfg.power_2_scales, cfg.amax_epsilon, compile=self.compile)
+        if q == "fp8_block":
+            return FP8BlockRole(
+                fp8, cfg.block_size, two_d, cfg.power_2_scales, cfg.amax_epsilon, compile=self.compile
+            )
+        raise AssertionError(q)
+
+    def _linear_quantizers(self, name: str) -> LinearQuantizers:
+        """Per-layer quantizers; pure ones (no state, no randomness) are built once and shared,
+        and under ``compile`` run as two compiled graphs per layer shape (forward, backward)."""
+        if self._shared is not None:
+            return self._shared
+        qs = self._build_linear_quantizers(name)
+        if qs.pure:
+            if self.compile:  # the bodies are compiled whole; the roles inside run uncompiled
+                roles = (None if r is None else dataclasses.replace(r, compile=False) for r in qs.roles)
+                qs = LinearQuantizers(*roles, compile=True)
+            self._shared = qs
+        return qs
+
+    def _build_linear_quantizers(self, name: str) -> LinearQuantizers:
+        f, two_d = role_formats(self.cfg), self.cfg.weight_2d_blocks
+        inp = self._role(f["input_format"], tensor=f"{name}/input", grad=False)
+        w = self._role(f["weight_format"], tensor=f"{name}/weight", grad=False, two_d=two_d)
+        g = self._role(f["grad_output_format"], tensor=f"{name}/grad_output", grad=True)
+        wd = (
+            w
+            if f["weight_dgrad_format"] == f["weight_format"]
+            else self._role(f["weight_dgrad_format"], tensor=f"{name}/weight", grad=False, two_d=two_d)
+        )
+        xw = (
+            inp
+            if f["input_wgrad_format"] == f["input_format"]
+            else self._role(f["input_wgrad_format"], tensor=f"{name}/input", grad=False)
+        )
+        return LinearQuantizers(inp, w, g, wd, xw, hadamard_tokens if self.cfg.wgrad_hadamard else None)
+
+    def _matmul_quantizers(self, name: str) -> MatmulQuantizers:
+        """QK^T / PV: both operands in input_format, dY in grad_output_format, backward copies in input_wgrad_format."""
+        f = role_formats(self.cfg)
+        a = self._role(f["input_format"], tensor=f"{name}.a/input", grad=False)
+        b = self._role(f["input_format"], tensor=f"{name}.b/input", grad=False)
+        g = self._role(f["grad_output_format"], tensor=f"{name}/grad_output", grad=True)
+        if f["input_wgrad_format"] == f["input_format"]:
+            a_bwd, b_bwd = a, b
+        else:
+            a_bwd = self._role(f["input_wgrad_format"], tensor=f"{name}.a/input", grad=False)
+            b_bwd = self._role(f["input_wgrad_format"], tensor=f"{name}.b/input", grad=False)
+        return MatmulQuantizers(a, b, g, a_bwd, b_bwd)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _amax_allreduce() -> Callable[[torch.Tensor], Any] | None:
+    """MAX all-reduce over the default group when torch.distributed runs with world size > 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return None

@@ -29,13 +29,15 @@ def test_all_key_families_in_jsonl_and_wandb(tmp_path):
                 f"div/grad_cos/{LAYER}", "grad/global_norm", f"grad/{LAYER}/norm", f"grad/{LAYER}/absmax",
                 f"grad/{LAYER}/zero_frac", f"grad/{LAYER}/weight_norm", f"act/{LAYER}/absmax",
                 f"weight/{LAYER}/absmax", f"shadow/mxfp4_e2m1/{LAYER}/underflow_frac",
-                f"shadow/mxfp4_e2m1/{LAYER}/overflow_frac", f"shadow/mxfp8_e4m3/{LAYER}/sqnr_db"):
+                f"shadow/mxfp4_e2m1/{LAYER}/overflow_frac", f"shadow/mxfp8_e4m3/{LAYER}/sqnr_db",
+                f"shadow/mxfp4_e2m1/{LAYER}/act_underflow_frac", f"shadow/mxfp4_e2m1/{LAYER}/act_sqnr_db"):
         assert key in last and math.isfinite(last[key]), key
     # MFU is not defined on a CPU: the keys are absent and the run config says why
     assert "perf/mfu_bf16_peak" not in last
     assert "not defined on cpu" in res.run_config["resolved"]["perf"]["mfu"]
     # FP4 loses more of the gradient than FP8
     assert last[f"shadow/mxfp4_e2m1/{LAYER}/sqnr_db"] < last[f"shadow/mxfp8_e4m3/{LAYER}/sqnr_db"]
+    assert last[f"shadow/mxfp4_e2m1/{LAYER}/act_sqnr_db"] < last[f"shadow/mxfp8_e4m3/{LAYER}/act_sqnr_db"]
     assert last["grad/global_norm"] == last["train/grad_norm"]
 
     wb = read_run(find_run_files(res.run_dir)[0])
@@ -59,7 +61,7 @@ def test_stats_reduced_across_zero3_ranks_match_one_rank(tmp_path):
     one = run_lowbit(["parallel=single", *common], run_dir=tmp_path / "one").metrics[-1]
     two = run_lowbit(["parallel=zero3", "launcher.nproc_per_node=2", *common], run_dir=tmp_path / "two").metrics[-1]
     for key in (f"grad/{LAYER}/norm", f"grad/{LAYER}/weight_norm", f"weight/{LAYER}/absmax", f"act/{LAYER}/absmax",
-                f"shadow/mxfp8_e4m3/{LAYER}/sqnr_db"):
+                f"shadow/mxfp8_e4m3/{LAYER}/sqnr_db", f"shadow/mxfp8_e4m3/{LAYER}/act_sqnr_db"):
         assert two[key] == pytest.approx(one[key], rel=1e-3), key
     assert two[f"shadow/mxfp8_e4m3/{LAYER}/underflow_frac"] == pytest.approx(
         one[f"shadow/mxfp8_e4m3/{LAYER}/underflow_frac"], abs=1e-4)

@@ -17,7 +17,9 @@ Linear when it converts none), with the pure functions of ``train/numstats.py``:
 * ``act/<layer>/absmax`` the layer input's absmax; ``weight/<layer>/absmax`` the
   FP32 master weight's absmax.
 * ``shadow/<format>/<layer>/{underflow_frac,overflow_frac,sqnr_db}`` the same dY
-  quantized to each ``stats.shadow_formats`` entry, without touching training.
+  quantized to each ``stats.shadow_formats`` entry, without touching training, and
+  ``shadow/<format>/<layer>/act_{underflow_frac,overflow_frac,sqnr_db}`` for the
+  layer's input activation (blocks along the reduction dim, as in the forward GEMM).
 * ``grad/underflow_frac_hist`` the per-layer underflow fractions (a W&B histogram).
 
 Cost: hooks exist only during stat steps; everything stays on the device until
@@ -94,6 +96,10 @@ class GradStatsCollector:
             x = inputs[0].detach()
             amax = x.abs().amax().float()
             self._act[name] = amax if name not in self._act else torch.maximum(self._act[name], amax)
+            if torch.is_grad_enabled():  # not the no-grad first pass of activation checkpointing
+                for fmt, spec in self.shadow.items():
+                    key = (name, f"act:{fmt}")
+                    self._grad[key] = _merge(self._grad.get(key), tensor_sums(x, spec, axis=-1))
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(self._grad_hook(name))
 
@@ -126,12 +132,17 @@ class GradStatsCollector:
         out: dict[str, torch.Tensor] = {}
         for i, (layer, fmt) in enumerate(keys):
             reduced = {n: sums[i, j] for j, n in enumerate(sum_names) if n in self._grad[(layer, fmt)]}
-            reduced["sum_sq"] = reduced["sum_sq"] / self.world_size**2
-            if "err_sq" in reduced:
-                reduced["err_sq"] = reduced["err_sq"] / self.world_size**2
-            reduced["absmax"] = maxes[i] / self.world_size
+            reduced["absmax"] = maxes[i]
+            if not fmt.startswith("act:"):  # dY: undo the per-rank 1/W share of the batch (docstring)
+                reduced["sum_sq"] = reduced["sum_sq"] / self.world_size**2
+                if "err_sq" in reduced:
+                    reduced["err_sq"] = reduced["err_sq"] / self.world_size**2
+                reduced["absmax"] = maxes[i] / self.world_size
             stats = stats_from_sums(reduced)
-            if fmt:
+            if fmt.startswith("act:"):
+                for k in ("underflow_frac", "overflow_frac", "sqnr_db"):
+                    out[f"shadow/{fmt[4:]}/{layer}/act_{k}"] = stats[k]
+            elif fmt:
                 for k in ("underflow_frac", "overflow_frac", "sqnr_db"):
                     out[f"shadow/{fmt}/{layer}/{k}"] = stats[k]
             else:

@@ -158,3 +158,16 @@ def test_local_multirun_two_recipes(tmp_path):
         wb = read_run(find_run_files(job)[0])
         assert wb["exit_code"] == 0 and len(wb["history"]) == 3
     assert sorted(precisions) == ["bf16", "fp32"]
+
+
+def test_activation_checkpointing_does_not_touch_numerics(runs, tmp_path):
+    res = run_lowbit(["parallel=single", "+recipe=fp32", *COMMON, "trainer.activation_checkpointing=true",
+                      "logger=none"], run_dir=tmp_path)
+    assert res.losses() == runs["fp32"].losses()
+
+
+def test_deepspeed_launcher_local_rank_argument_is_dropped():
+    from train.cli import strip_launcher_args
+
+    assert strip_launcher_args(["run.py", "--local_rank=1", "model=tiny"]) == ["run.py", "model=tiny"]
+    assert strip_launcher_args(["run.py", "--local_rank", "0", "x=1"]) == ["run.py", "x=1"]

@@ -146,3 +146,21 @@ def test_hydra_submitit_sweep_2x2_writes_sweep_index(slurm_env, tmp_path):
     assert again["slurm_job_id"] != victim["slurm_job_id"]
     rows = read_jsonl(Path(again["run_dir"]) / "metrics.jsonl")
     assert [r["step"] for r in rows] == [4, 8]  # restarted from scratch (no checkpoint), no duplicate rows
+
+
+def test_multitask_sweep_job_trains_with_two_ranks(slurm_env, tmp_path):
+    """hydra.launcher.tasks_per_node=2: each submitit task is one rank of one DeepSpeed job."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm",
+           "hydra.launcher.tasks_per_node=2", "parallel=ddp", "+recipe=fp32", "trainer.max_steps=6",
+           "trainer.log_every=3", "trainer.eval_sequences=16", "logger.wandb.mode=offline",
+           "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    index = json.loads((sweep / "sweep.json").read_text())
+    assert index["num_jobs"] == 1 and index["num_completed"] == 1, index
+    import yaml
+
+    rc = yaml.safe_load(Path(index["jobs"][0]["run_dir"], "run_config.yaml").read_text())
+    assert rc["resolved"]["world_size"] == 2 and rc["resolved"]["launcher"] == "slurm"
+    assert [r["step"] for r in read_jsonl(Path(index["jobs"][0]["run_dir"]) / "metrics.jsonl")] == [3, 6]

@@ -8,10 +8,6 @@ import torch
 from torch import nn
 
 
-def tokens_per_s(*, tokens: int, seconds: float) -> float:
-    return tokens / seconds if seconds > 0 else float("nan")
-
-
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 over every parameter's FP32 bytes in name order (shared tensors once)."""
     h = hashlib.sha256()

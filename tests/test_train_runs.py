@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,13 @@ def test_deepspeed_launcher_local_rank_argument_is_dropped():
 
     assert strip_launcher_args(["run.py", "--local_rank=1", "model=tiny"]) == ["run.py", "model=tiny"]
     assert strip_launcher_args(["run.py", "--local_rank", "0", "x=1"]) == ["run.py", "x=1"]
+
+
+@pytest.mark.dist
+def test_runs_under_the_deepspeed_launcher(runs, tmp_path):
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    res = run_lowbit(["parallel=ddp", "+recipe=fp32", *COMMON, "logger=none"], run_dir=tmp_path,
+                     launcher=[deepspeed, "--num_gpus", "2", "--master_port", str(__import__("train.dist").dist.free_port())])
+    assert res.run_config["resolved"]["world_size"] == 2
+    ref = runs["fp32"].losses()
+    assert max(abs(res.losses()[s] - ref[s]) for s in ref) < 1e-4

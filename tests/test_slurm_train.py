@@ -164,3 +164,38 @@ def test_multitask_sweep_job_trains_with_two_ranks(slurm_env, tmp_path):
     rc = yaml.safe_load(Path(index["jobs"][0]["run_dir"], "run_config.yaml").read_text())
     assert rc["resolved"]["world_size"] == 2 and rc["resolved"]["launcher"] == "slurm"
     assert [r["step"] for r in read_jsonl(Path(index["jobs"][0]["run_dir"]) / "metrics.jsonl")] == [3, 6]
+
+
+def test_submitit_usr2_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
+    """submitit's USR2 (its timeout/preemption signal): the trainer checkpoints, hands the signal to
+    submitit's handler, which requeues the job; the requeued job resumes in the same run dir."""
+    args = ["+recipe=fp32", "trainer.max_steps=60", "trainer.log_every=1", "trainer.eval_every=30",
+            "trainer.eval_sequences=16", "logger.wandb.mode=offline"]
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm", *args,
+           "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = sweep / "0" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(read_jsonl(metrics)) >= 10):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"sweep job never reached step 10: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.5)
+    job_id = sorted(p.name for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit())[0]
+    subprocess.run(["scancel", "--signal=USR2", job_id.split("_")[0]], check=True, timeout=30)
+    out, err = proc.communicate(timeout=420)
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    starts = read_jsonl(sweep / "0" / "job.jsonl")
+    assert len(starts) == 2 and 10 <= starts[1]["start_step"] < 60
+    rows = read_jsonl(metrics)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    ref = run_lowbit_local([*args, "logger=none"], tmp_path / "ref")
+    assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in ref]
+    assert json.loads((sweep / "sweep.json").read_text())["num_completed"] == 1
+
+
+def run_lowbit_local(args: list[str], run_dir: Path) -> list[dict]:
+    from .conftest import run_lowbit
+
+    return run_lowbit(args, run_dir=run_dir).metrics

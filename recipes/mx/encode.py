@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from recipes.mx.core import block_layout, from_blocks, pow2, to_blocks
-from recipes.mx.formats import E8M0_BIAS, E8M0_NAN, ElemFormat, check_rounding, check_scale_rule, get_format
-from recipes.mx.quantize import check_input, quantize_blocks, uniform_noise
+from recipes.mx.formats import E8M0_BIAS, E8M0_NAN, ElemFormat, get_format
+from recipes.mx.quantize import prepare, quantize_blocks
 
 __all__ = ["MXTensor", "decode_mx", "element_values", "encode_mx"]
 
@@ -106,12 +106,8 @@ def encode_mx(
     seed: int | None = None,
 ) -> MXTensor:
     """Quantize ``x`` exactly as ``quantize_mx`` does and return the codes and E8M0 scales."""
-    fmt = get_format(fmt)
-    check_input(x)
-    check_rounding(rounding)
-    check_scale_rule(scale_rule)
-    layout = block_layout(x.shape, block_size=block_size, axis=axis)
-    noise = uniform_noise(x, generator=generator, seed=seed) if rounding == "stochastic" else None
+    fmt, layout, noise = prepare(x, fmt, block_size=block_size, axis=axis, rounding=rounding,
+                                 scale_rule=scale_rule, generator=generator, seed=seed)
     xb = to_blocks(x.float(), layout)
     nb = None if noise is None else to_blocks(noise, layout)
     m = quantize_blocks(xb, nb, fmt=fmt, rounding=rounding, scale_rule=scale_rule)

@@ -205,6 +205,28 @@ def check_input(x: torch.Tensor) -> None:
         raise ValueError(f"MX quantization takes a float32/bfloat16/float16 tensor, got {got}")
 
 
+def prepare(
+    x: torch.Tensor,
+    elem_format: str | ElemFormat,
+    *,
+    block_size: int,
+    axis: int,
+    rounding: str,
+    scale_rule: str,
+    generator: torch.Generator | None,
+    seed: int | None,
+) -> tuple[ElemFormat, Any, torch.Tensor | None]:
+    """Checks and set-up shared by ``quantize_mx`` and ``encode_mx``: the format, the block
+    layout, and the stochastic-rounding noise (None unless rounding is stochastic)."""
+    fmt = get_format(elem_format)
+    check_input(x)
+    check_rounding(rounding)
+    check_scale_rule(scale_rule)
+    layout = block_layout(x.shape, block_size=block_size, axis=axis)
+    noise = uniform_noise(x, generator=generator, seed=seed) if rounding == "stochastic" else None
+    return fmt, layout, noise
+
+
 def quantize_mx(
     x: torch.Tensor,
     elem_format: str | ElemFormat,
@@ -233,14 +255,10 @@ def quantize_mx(
     Returns:
         A tensor of ``x``'s shape and dtype.
     """
-    fmt = get_format(elem_format)
-    check_input(x)
-    check_rounding(rounding)
-    check_scale_rule(scale_rule)
-    layout = block_layout(x.shape, block_size=block_size, axis=axis)
+    fmt, layout, noise = prepare(x, elem_format, block_size=block_size, axis=axis, rounding=rounding,
+                                 scale_rule=scale_rule, generator=generator, seed=seed)
     if x.numel() == 0:
         return x.clone()
-    noise = uniform_noise(x, generator=generator, seed=seed) if rounding == "stochastic" else None
     kwargs = dict(fmt=fmt, layout=layout, rounding=rounding, scale_rule=scale_rule)
     if compile:
         with _recompile_headroom():

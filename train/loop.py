@@ -266,6 +266,8 @@ def step_metrics(run: Run, step: int, *, losses: list[torch.Tensor], lr: float, 
 def train_loop(run: Run) -> dict[str, Any]:
     t, engine = run.cfg.trainer, run.engine
     params = [p for p in engine.module.parameters() if p.requires_grad]
+    # Without a DeepSpeed optimizer wrapper (ZeRO-0 FP32) get_global_grad_norm() is None: compute it here.
+    manual_norm_needed = engine.optimizer is engine.basic_optimizer
     window_start, window_steps, data_time, tok_rates, mfus = time.perf_counter(), 0, 0.0, [], []
     last: dict[str, Any] = {}
     lockstep = run.reference if isinstance(run.reference, LockstepReference) else None
@@ -285,12 +287,13 @@ def train_loop(run: Run) -> dict[str, Any]:
                 loss = engine(x, y)
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():
-                if is_log:
-                    manual_norm = grad_global_norm(params)  # only used where DeepSpeed reports None
+                if is_log and manual_norm_needed:
+                    manual_norm = grad_global_norm(params)
                 if capture:
                     grads = full_grads(engine, capture)
                 if is_stat:
-                    weights = weight_metrics(engine, [n.removesuffix(".weight") for n in run.stat_params])
+                    weights = weight_metrics(engine, [n.removesuffix(".weight") for n in run.stat_params],
+                                             grads=grads)
             engine.step()
             losses.append(loss.detach())
             if run.reference is not None:

@@ -160,9 +160,10 @@ class GradStatsCollector:
         return result
 
 
-def weight_metrics(engine: Any, layers: list[str]) -> dict[str, float]:
+def weight_metrics(engine: Any, layers: list[str], *, grads: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """``grad/<layer>/weight_norm`` (reduced gradient, before the step) and ``weight/<layer>/absmax``
-    (FP32 master). Works under every ZeRO stage; call on all ranks at the accumulation boundary."""
+    (FP32 master). Works under every ZeRO stage; call on all ranks at the accumulation boundary.
+    ``grads``: full gradients by parameter name already gathered this step (not fetched again)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     params = dict(engine.module.named_parameters())
@@ -171,7 +172,7 @@ def weight_metrics(engine: Any, layers: list[str]) -> dict[str, float]:
         p = params.get(f"{layer}.weight")
         if p is None:
             continue
-        g = safe_get_full_grad(p)
+        g = grads[f"{layer}.weight"] if grads and f"{layer}.weight" in grads else safe_get_full_grad(p)
         if g is not None:
             vals[f"grad/{layer}/weight_norm"] = torch.linalg.vector_norm(g.float())
         w = safe_get_full_fp32_param(p)

@@ -16,6 +16,7 @@ import pytest
 from train.wandb_offline import find_run_files, read_run
 
 from .conftest import ROOT, RunResult, read_jsonl, run_lowbit
+from .golden import OTHER_MACHINE_LOSS_ATOL, same_machine
 
 STEPS = 20
 COMMON = [f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.eval_every=10", "trainer.eval_sequences=32"]
@@ -85,6 +86,9 @@ def _golden_check(res: RunResult, name: str) -> None:
     got = [r["train/loss"] for r in res.metrics]
     golden = json.loads(path.read_text())
     assert golden["command"] == COMMON_GOLDEN[name]
+    if not same_machine(golden):  # bits depend on the CPU kind (tests/golden.py:machine_signature)
+        assert got == pytest.approx(golden["losses"], abs=OTHER_MACHINE_LOSS_ATOL)
+        return
     assert got == golden["losses"], "loss curve moved: if the change is meant to touch numerics, regenerate with scripts/update_golden.py"
 
 

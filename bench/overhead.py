@@ -55,11 +55,15 @@ def plain_loop(cfg: RunConfig, plan: Plan, data: TokenData) -> float:
     master = [p.detach().clone().float() for p in params] if low != torch.float32 else params
     model.to(low)
     by_id = {id(p): m for p, m in zip(model.parameters(), master)}
-    groups = [{"params": [by_id[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
-              for g in param_groups(model, weight_decay=t.weight_decay)]
+    groups = [
+        {"params": [by_id[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+        for g in param_groups(model, weight_decay=t.weight_decay)
+    ]
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_lambda(s, max_steps=t.max_steps, warmup_frac=t.warmup_frac, min_ratio=t.min_lr_ratio))
+        opt,
+        lambda s: lr_lambda(s, max_steps=t.max_steps, warmup_frac=t.warmup_frac, min_ratio=t.min_lr_ratio),
+    )
     schedule = BatchSchedule(len(data.train_idx), global_batch_size=t.global_batch_size, seed=t.seed)
     mparams = list(model.parameters())
     start = time.perf_counter()
@@ -111,21 +115,34 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +recipe=fp32 model.d_model=256")
     args = ap.parse_args()
-    cfg = compose_config([*args.overrides, "logger=none", f"trainer.max_steps={args.steps}",
-                          f"trainer.eval_every={10**9}", "parallel=single"])
+    cfg = compose_config(
+        [
+            *args.overrides,
+            "logger=none",
+            f"trainer.max_steps={args.steps}",
+            f"trainer.eval_every={10**9}",
+            "parallel=single",
+        ]
+    )
     cfg.logger.console = False
     plan = validate(cfg, world_size=1)
     torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
     data = prepare_data(cfg.data, seq_len=cfg.model.seq_len)
-    print(f"model={cfg.model.name} recipe={cfg.recipe.name} steps={args.steps} reps={args.reps} "
-          f"threads={torch.get_num_threads()}", flush=True)
+    print(
+        f"model={cfg.model.name} recipe={cfg.recipe.name} steps={args.steps} reps={args.reps} "
+        f"threads={torch.get_num_threads()}",
+        flush=True,
+    )
     plain, lowbit = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
             plain.append(plain_loop(cfg, plan, data))
             lowbit.append(lowbit_loop(cfg, plan, Path(tmp) / f"rep{rep}"))
-            print(f"rep {rep + 1}/{args.reps}: plain {plain[-1] / args.steps * 1e3:.1f} ms/step, "
-                  f"lowbit {lowbit[-1] / args.steps * 1e3:.1f} ms/step", flush=True)
+            print(
+                f"rep {rep + 1}/{args.reps}: plain {plain[-1] / args.steps * 1e3:.1f} ms/step, "
+                f"lowbit {lowbit[-1] / args.steps * 1e3:.1f} ms/step",
+                flush=True,
+            )
     p, lb = statistics.median(plain), statistics.median(lowbit)
     print(f"median ms/step: plain {p / args.steps * 1e3:.1f}, lowbit {lb / args.steps * 1e3:.1f}")
     print(f"overhead ratio: {lb / p:.2f}x")

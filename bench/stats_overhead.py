@@ -40,15 +40,21 @@ def main() -> None:
         cfg.logger.console = False
     plan = validate(on, world_size=1)
     torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
-    print(f"recipe={on.recipe.name} steps={args.steps} stats.every={on.stats.every} "
-          f"shadow={on.stats.shadow_formats} reps={args.reps}", flush=True)
+    print(
+        f"recipe={on.recipe.name} steps={args.steps} stats.every={on.stats.every} "
+        f"shadow={on.stats.shadow_formats} reps={args.reps}",
+        flush=True,
+    )
     t_on, t_off = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
             t_off.append(lowbit_loop(off, plan, Path(tmp) / f"off{rep}"))
             t_on.append(lowbit_loop(on, plan, Path(tmp) / f"on{rep}"))
-            print(f"rep {rep + 1}/{args.reps}: off {t_off[-1] / args.steps * 1e3:.1f} ms/step, "
-                  f"on {t_on[-1] / args.steps * 1e3:.1f} ms/step", flush=True)
+            print(
+                f"rep {rep + 1}/{args.reps}: off {t_off[-1] / args.steps * 1e3:.1f} ms/step, "
+                f"on {t_on[-1] / args.steps * 1e3:.1f} ms/step",
+                flush=True,
+            )
     a, b = statistics.median(t_on), statistics.median(t_off)
     print(f"median ms/step: off {b / args.steps * 1e3:.1f}, on {a / args.steps * 1e3:.1f}")
     print(f"stats overhead ratio: {a / b:.2f}x")

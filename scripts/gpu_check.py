@@ -16,13 +16,17 @@ from recipes.mx import quantize_mx  # noqa: E402
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.float().cpu(), b.float().cpu()
     nan = torch.isnan(a) & torch.isnan(b)
-    return bool(torch.equal(torch.where(nan, 0, a).view(torch.int32), torch.where(nan, 0, b).view(torch.int32)))
+    return bool(
+        torch.equal(torch.where(nan, 0, a).view(torch.int32), torch.where(nan, 0, b).view(torch.int32))
+    )
 
 
 def main() -> int:
     assert torch.cuda.is_available(), "no CUDA device"
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 1024, generator=gen) * torch.exp2(torch.randint(-20, 20, (256, 1), generator=gen).float())
+    x = torch.randn(256, 1024, generator=gen) * torch.exp2(
+        torch.randint(-20, 20, (256, 1), generator=gen).float()
+    )
     failures = 0
     for fmt in ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "int8"):
         for rounding in ("nearest_even", "nearest_away"):

@@ -26,7 +26,14 @@ sys.path.insert(0, str(ROOT))
 
 from train.sweep_index import build_index  # noqa: E402
 
-_DROP = ("hydra.sweep.dir=", "hydra.sweep.subdir=", "hydra.run.dir=", "hydra.mode=", "hydra.job.num=", "hydra.job.id=")
+_DROP = (
+    "hydra.sweep.dir=",
+    "hydra.sweep.subdir=",
+    "hydra.run.dir=",
+    "hydra.mode=",
+    "hydra.job.num=",
+    "hydra.job.id=",
+)
 
 
 def resubmit_commands(sweep_dir: Path) -> list[list[str]]:
@@ -36,8 +43,17 @@ def resubmit_commands(sweep_dir: Path) -> list[list[str]]:
             continue
         hydra_cfg = yaml.safe_load((Path(job["run_dir"]) / ".hydra" / "hydra.yaml").read_text())["hydra"]
         launcher = [o for o in hydra_cfg["overrides"]["hydra"] if not o.startswith(_DROP)]
-        cmds.append([sys.executable, str(ROOT / "train" / "run.py"), "-m", *launcher, *job["overrides"],
-                     f"hydra.sweep.dir={sweep_dir}", f"hydra.sweep.subdir={job['num']}"])
+        cmds.append(
+            [
+                sys.executable,
+                str(ROOT / "train" / "run.py"),
+                "-m",
+                *launcher,
+                *job["overrides"],
+                f"hydra.sweep.dir={sweep_dir}",
+                f"hydra.sweep.subdir={job['num']}",
+            ]
+        )
     return cmds
 
 

@@ -1,7 +1,7 @@
 """Regenerate tests/assets/losses/*.json: only for changes that are meant to touch numerics.
 
-    python scripts/update_golden.py            # all
-    python scripts/update_golden.py tiny_nvfp4 # some
+python scripts/update_golden.py            # all
+python scripts/update_golden.py tiny_nvfp4 # some
 """
 
 from __future__ import annotations

@@ -51,8 +51,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_lowbit(args: list[str], *, run_dir: Path | None = None, timeout: float = 300, check: bool = True,
-               launcher: list[str] | None = None, env: dict[str, str] | None = None) -> RunResult:
+def run_lowbit(
+    args: list[str],
+    *,
+    run_dir: Path | None = None,
+    timeout: float = 300,
+    check: bool = True,
+    launcher: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> RunResult:
     """``python train/run.py ARGS hydra.run.dir=RUN_DIR`` (or under ``launcher``)."""
     cmd = list(launcher or [sys.executable]) + [str(RUN_PY), *args]
     if run_dir is not None:

@@ -25,7 +25,16 @@ RECIPE_COMMON = (
 )
 RECIPE_GOLDEN = {
     f"tiny_{r}": f"+recipe={r} {RECIPE_COMMON}"
-    for r in ("mxfp8_e4m3", "mxfp4_e2m1", "mxfp8", "nvfp4", "fp8_delayed", "fp8_current", "fp8_block", "fp8_rowwise")
+    for r in (
+        "mxfp8_e4m3",
+        "mxfp4_e2m1",
+        "mxfp8",
+        "nvfp4",
+        "fp8_delayed",
+        "fp8_current",
+        "fp8_block",
+        "fp8_rowwise",
+    )
 }
 
 

@@ -36,13 +36,26 @@ def test_groups_present():
 
 def test_default_is_tiny_bf16_on_shakespeare():
     cfg = compose_run([])
-    assert (cfg.model.name, cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.seq_len) == ("tiny", 128, 2, 4, 128)
+    assert (cfg.model.name, cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.seq_len) == (
+        "tiny",
+        128,
+        2,
+        4,
+        128,
+    )
     assert cfg.model.mlp == "gelu" and cfg.model.ffn_mult == 4.0
     assert cfg.recipe.name == "bf16" and cfg.recipe.precision == "bf16"
     t = cfg.trainer
-    assert (t.lr, t.beta1, t.beta2, t.weight_decay, t.warmup_frac, t.min_lr_ratio, t.grad_clip, t.global_batch_size) == (
-        1e-3, 0.9, 0.95, 0.1, 0.05, 0.1, 1.0, 16
-    )
+    assert (
+        t.lr,
+        t.beta1,
+        t.beta2,
+        t.weight_decay,
+        t.warmup_frac,
+        t.min_lr_ratio,
+        t.grad_clip,
+        t.global_batch_size,
+    ) == (1e-3, 0.9, 0.95, 0.1, 0.05, 0.1, 1.0, 16)
     assert cfg.data.source == "shakespeare" and cfg.trainer.eval_every == 50
 
 
@@ -117,8 +130,15 @@ def test_validation_errors_name_the_key():
 
 BAD_COMMANDS = [
     (["model=nope"], "model=nope"),
-    (["parallel=zero2", "launcher.nproc_per_node=2", "trainer.global_batch_size=16", "trainer.micro_batch_size=3"],
-     "trainer.global_batch_size=16"),
+    (
+        [
+            "parallel=zero2",
+            "launcher.nproc_per_node=2",
+            "trainer.global_batch_size=16",
+            "trainer.micro_batch_size=3",
+        ],
+        "trainer.global_batch_size=16",
+    ),
     (["data=files", "data.path=/no/such/corpus.txt"], "data.path=/no/such/corpus.txt"),
     (["+recipe=fp16"], "recipe.precision=fp16"),
     (["trainer.max_steps=abc"], "trainer.max_steps=abc"),

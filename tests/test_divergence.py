@@ -22,7 +22,9 @@ from .conftest import run_lowbit
 def test_pure_functions_known_answers():
     assert loss_divergence(2.2, 2.0) == pytest.approx({"div/loss_delta": 0.2, "div/loss_rel": 0.1})
     assert relative_drift(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 4.0])).item() == pytest.approx(0.75)
-    assert cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])).item() == pytest.approx(1 / math.sqrt(2))
+    assert cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])).item() == pytest.approx(
+        1 / math.sqrt(2)
+    )
     assert cosine(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])).item() == pytest.approx(1.0, abs=1e-15)
 
 
@@ -46,10 +48,20 @@ def test_tracker_first_divergence_step():
 
 
 def test_reference_mismatch_names_the_difference():
-    ours = {"config": {"model": {"name": "tiny", "d_model": 128}, "data": {"source": "shakespeare"},
-                       "trainer": {"seed": 1, "global_batch_size": 16}}}
-    same = {"config": {"model": {"name": "x", "d_model": 128}, "data": {"source": "shakespeare"},
-                       "trainer": {"seed": 1, "global_batch_size": 16}}}
+    ours = {
+        "config": {
+            "model": {"name": "tiny", "d_model": 128},
+            "data": {"source": "shakespeare"},
+            "trainer": {"seed": 1, "global_batch_size": 16},
+        }
+    }
+    same = {
+        "config": {
+            "model": {"name": "x", "d_model": 128},
+            "data": {"source": "shakespeare"},
+            "trainer": {"seed": 1, "global_batch_size": 16},
+        }
+    }
     assert reference_mismatch(ours, same) is None
     other_seed = {"config": {**same["config"], "trainer": {"seed": 2, "global_batch_size": 16}}}
     assert "seed" in reference_mismatch(ours, other_seed)
@@ -77,8 +89,10 @@ def test_lockstep_against_own_recipe_is_exactly_zero(tmp_path):
 
 
 def test_lockstep_fp32_run_against_bf16_reference_drifts(tmp_path):
-    res = run_lowbit(["+recipe=fp32", "reference.mode=lockstep", "reference.precision=bf16", "stats.every=6", *ARGS],
-                     run_dir=tmp_path)
+    res = run_lowbit(
+        ["+recipe=fp32", "reference.mode=lockstep", "reference.precision=bf16", "stats.every=6", *ARGS],
+        run_dir=tmp_path,
+    )
     last = res.metrics[-1]
     assert last["div/loss_delta"] != 0.0 and abs(last["div/loss_rel"]) < 0.05
     assert 0 < last["div/weight_drift/blocks.0.mlp.fc"] < 0.5
@@ -87,14 +101,22 @@ def test_lockstep_fp32_run_against_bf16_reference_drifts(tmp_path):
 
 def test_run_dir_reference_deltas_and_refusal(bf16_reference, tmp_path):
     ref_losses = bf16_reference.losses()
-    res = run_lowbit(["+recipe=fp32", f"reference.run_dir={bf16_reference.run_dir}", *ARGS], run_dir=tmp_path / "a")
+    res = run_lowbit(
+        ["+recipe=fp32", f"reference.run_dir={bf16_reference.run_dir}", *ARGS], run_dir=tmp_path / "a"
+    )
     for r in res.metrics:
         assert r["div/loss_delta"] == pytest.approx(r["train/loss"] - ref_losses[r["step"]], abs=1e-12)
-    bad = run_lowbit(["+recipe=fp32", f"reference.run_dir={bf16_reference.run_dir}", "trainer.seed=99", *ARGS],
-                     run_dir=tmp_path / "b", check=False)
+    bad = run_lowbit(
+        ["+recipe=fp32", f"reference.run_dir={bf16_reference.run_dir}", "trainer.seed=99", *ARGS],
+        run_dir=tmp_path / "b",
+        check=False,
+    )
     assert bad.proc.returncode == 2
     assert bad.proc.stderr.startswith(f"lowbit: config error: reference.run_dir={bf16_reference.run_dir}: ")
     assert "seed" in bad.proc.stderr
-    bad = run_lowbit(["+recipe=fp32", f"reference.run_dir={bf16_reference.run_dir}", "model.d_model=64", *ARGS],
-                     run_dir=tmp_path / "c", check=False)
+    bad = run_lowbit(
+        ["+recipe=fp32", f"reference.run_dir={bf16_reference.run_dir}", "model.d_model=64", *ARGS],
+        run_dir=tmp_path / "c",
+        check=False,
+    )
     assert bad.proc.returncode == 2 and "d_model" in bad.proc.stderr

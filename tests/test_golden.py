@@ -23,8 +23,10 @@ def test_recipe_golden_run(name, tmp_path):
     res = run_lowbit([*RECIPE_GOLDEN[name].split(), "logger=none"], run_dir=tmp_path / "run")
     rows = golden_rows(res.metrics)
     if not same_machine(golden):
-        warnings.warn(f"{name}: recorded on {golden.get('signature')}; here only within {OTHER_MACHINE_LOSS_ATOL}",
-                      stacklevel=1)
+        warnings.warn(
+            f"{name}: recorded on {golden.get('signature')}; here only within {OTHER_MACHINE_LOSS_ATOL}",
+            stacklevel=1,
+        )
         assert [r["train/loss"] for r in rows] == pytest.approx(golden["losses"], abs=OTHER_MACHINE_LOSS_ATOL)
         return
     assert [r["train/loss"] for r in rows] == golden["losses"], (

@@ -15,7 +15,9 @@ from train.metrics import weights_fingerprint
 from train.model import build_model, count_params, ffn_width
 
 
-@pytest.mark.parametrize("mlp,norm,pos,tie", [("gelu", "layernorm", "learned", False), ("swiglu", "rmsnorm", "rope", True)])
+@pytest.mark.parametrize(
+    "mlp,norm,pos,tie", [("gelu", "layernorm", "learned", False), ("swiglu", "rmsnorm", "rope", True)]
+)
 def test_model_variants_forward_backward(mlp, norm, pos, tie):
     cfg = ModelConfig(mlp=mlp, norm=norm, pos=pos, tie_embeddings=tie)
     model = build_model(cfg, vocab_size=256, seed=0)
@@ -79,11 +81,15 @@ def test_batch_schedule_is_world_size_invariant():
         g = s.global_batch(step)
         assert len(set(g.tolist())) == 16 or step in (63,)
         for world, micro in ((1, 16), (1, 4), (2, 8), (2, 2), (4, 4)):
-            parts = [s.micro_batches(step, rank=r, world_size=world, micro_batch_size=micro) for r in range(world)]
+            parts = [
+                s.micro_batches(step, rank=r, world_size=world, micro_batch_size=micro) for r in range(world)
+            ]
             accum = len(parts[0])
             order = np.concatenate([parts[r][a] for a in range(accum) for r in range(world)])
             assert np.array_equal(order, g)
-    assert not np.array_equal(s.global_batch(1), BatchSchedule(1000, global_batch_size=16, seed=4).global_batch(1))
+    assert not np.array_equal(
+        s.global_batch(1), BatchSchedule(1000, global_batch_size=16, seed=4).global_batch(1)
+    )
     # an epoch visits every sequence once
     s2 = BatchSchedule(64, global_batch_size=16, seed=0)
     assert sorted(np.concatenate([s2.global_batch(k) for k in range(1, 5)]).tolist()) == list(range(64))
@@ -94,7 +100,7 @@ def test_shakespeare_packing_and_targets():
     assert data.vocab_size == 256 and len(data.tokens) > 4_000_000
     x, y = data.sequences(data.train_idx[:3])
     assert x.shape == (3, 128) and torch.equal(x[:, 1:], y[:, :-1])
-    assert b"HAMLET" in bytes(data.tokens[: 2_000_000].tolist()) or len(source_files(DataConfig())) == 42
+    assert b"HAMLET" in bytes(data.tokens[:2_000_000].tolist()) or len(source_files(DataConfig())) == 42
     ev = eval_indices(data, num_sequences=64)
     assert len(ev) == 64 and set(ev) <= set(data.val_idx.tolist())
     again = prepare_data(DataConfig(), seq_len=128)  # from the cache
@@ -110,12 +116,23 @@ def test_local_jsonl_parquet_and_bpe(tmp_path):
     docs = [topics[k] for k in sorted(topics)][:200]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     pq.write_table(pa.table({"text": docs}), tmp_path / "b.parquet")
-    a = prepare_data(DataConfig(source="files", path=str(tmp_path / "a.jsonl"), cache_dir=str(tmp_path / "c")), seq_len=64)
-    b = prepare_data(DataConfig(source="files", path=str(tmp_path / "b.parquet"), cache_dir=str(tmp_path / "c")), seq_len=64)
+    a = prepare_data(
+        DataConfig(source="files", path=str(tmp_path / "a.jsonl"), cache_dir=str(tmp_path / "c")), seq_len=64
+    )
+    b = prepare_data(
+        DataConfig(source="files", path=str(tmp_path / "b.parquet"), cache_dir=str(tmp_path / "c")),
+        seq_len=64,
+    )
     assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     assert bytes(np.asarray(a.tokens[:40]).tolist()).decode() == docs[0][:40]
     bpe = prepare_data(
-        DataConfig(source="files", path=str(tmp_path / "a.jsonl"), tokenizer="bpe", bpe_vocab_size=500, cache_dir=str(tmp_path / "c")),
+        DataConfig(
+            source="files",
+            path=str(tmp_path / "a.jsonl"),
+            tokenizer="bpe",
+            bpe_vocab_size=500,
+            cache_dir=str(tmp_path / "c"),
+        ),
         seq_len=64,
     )
     assert bpe.vocab_size <= 500 and len(bpe.tokens) < len(a.tokens) / 1.5  # BPE compresses text

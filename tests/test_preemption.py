@@ -14,8 +14,14 @@ import pytest
 
 from .conftest import ROOT, RUN_PY, read_jsonl, run_lowbit
 
-ARGS = ["+recipe=fp32", "trainer.max_steps=40", "trainer.log_every=1", "trainer.eval_every=20",
-        "trainer.eval_sequences=16", "logger=none"]
+ARGS = [
+    "+recipe=fp32",
+    "trainer.max_steps=40",
+    "trainer.log_every=1",
+    "trainer.eval_every=20",
+    "trainer.eval_sequences=16",
+    "logger=none",
+]
 
 
 def wait_for_step(path, step: int, *, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -36,8 +42,14 @@ def test_signal_checkpoints_then_resume_matches_uninterrupted(sig, tmp_path):
     run_dir = tmp_path / "interrupted"
     env = {**os.environ}
     env.pop("RANK", None)
-    proc = subprocess.Popen([sys.executable, str(RUN_PY), *ARGS, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(RUN_PY), *ARGS, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(run_dir / "metrics.jsonl", 8, proc=proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)

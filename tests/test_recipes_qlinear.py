@@ -309,8 +309,11 @@ def test_attention_core_quantized_matches_reference():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CI") == "true", reason="CI keeps torch.compile to one test "
-                    "(test_mx_quantize.py::test_compiled_matches_eager_bitwise__only_compile_test); run it locally")
+@pytest.mark.skipif(
+    os.environ.get("CI") == "true",
+    reason="CI keeps torch.compile to one test "
+    "(test_mx_quantize.py::test_compiled_matches_eager_bitwise__only_compile_test); run it locally",
+)
 def test_compiled_quantizers_give_the_same_bits():
     """recipe.compile=true runs the same pure functions under torch.compile: identical values."""
     from recipes.quantizers import FP8BlockRole, FP8RowwiseRole
@@ -334,8 +337,11 @@ def test_compiled_quantizers_give_the_same_bits():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CI") == "true", reason="CI keeps torch.compile to one test "
-                    "(test_mx_quantize.py::test_compiled_matches_eager_bitwise__only_compile_test); run it locally")
+@pytest.mark.skipif(
+    os.environ.get("CI") == "true",
+    reason="CI keeps torch.compile to one test "
+    "(test_mx_quantize.py::test_compiled_matches_eager_bitwise__only_compile_test); run it locally",
+)
 def test_compiled_linear_bodies_give_the_same_bits():
     """Pure roles under LinearQuantizers(compile=True): forward and backward each one compiled graph."""
     lin, x, gy = make()

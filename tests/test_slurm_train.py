@@ -20,8 +20,13 @@ from .conftest import ROOT, read_jsonl
 from .test_slurm_cluster import _cluster_skip_reason
 
 pytestmark = pytest.mark.slurm
-COMMON = ["+recipe=fp32", "trainer.log_every=1", "trainer.eval_every=10", "trainer.eval_sequences=16",
-          "logger.wandb.mode=offline"]
+COMMON = [
+    "+recipe=fp32",
+    "trainer.log_every=1",
+    "trainer.eval_every=10",
+    "trainer.eval_sequences=16",
+    "logger.wandb.mode=offline",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +36,32 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("slurm_outputs")
     env = {**os.environ, "LOWBIT_OUTPUTS": str(out), "WANDB_MODE": "offline"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # sbatch exports it: the venv's python
+    env["PATH"] = (
+        f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # sbatch exports it: the venv's python
+    )
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
 
 
 def sbatch(args: list[str], *, env: dict[str, str], log: Path, ntasks: int = 2) -> str:
-    cmd = ["sbatch", "--parsable", f"--ntasks-per-node={ntasks}", f"--output={log}", "slurm/train.sbatch", *args]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--ntasks-per-node={ntasks}",
+        f"--output={log}",
+        "slurm/train.sbatch",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
 
 def job_state(job_id: str) -> str:
-    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+    )
     for field in proc.stdout.split():
         if field.startswith("JobState="):
             return field.split("=", 1)[1]
@@ -56,12 +72,22 @@ def wait_job(job_id: str, *, log: Path, timeout: float = 420) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = job_state(job_id)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+        if state in (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+        ):
             return state
         time.sleep(1)
     subprocess.run(["scancel", job_id], timeout=30)
     log_tail = log.read_text()[-4000:] if log.exists() else "(no log)"
-    raise AssertionError(f"job {job_id} not finished after {timeout} s (state {job_state(job_id)}):\n{log_tail}")
+    raise AssertionError(
+        f"job {job_id} not finished after {timeout} s (state {job_state(job_id)}):\n{log_tail}"
+    )
 
 
 def run_dir_of(env: dict[str, str], job_id: str) -> Path:
@@ -91,7 +117,9 @@ def test_signalled_job_checkpoints_requeues_and_matches_uninterrupted(slurm_env,
     victim_metrics = run_dir_of(slurm_env, victim) / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (victim_metrics.exists() and len(read_jsonl(victim_metrics)) >= 10):
-        assert time.monotonic() < deadline, victim_log.read_text()[-4000:] if victim_log.exists() else "no log"
+        assert time.monotonic() < deadline, (
+            victim_log.read_text()[-4000:] if victim_log.exists() else "no log"
+        )
         assert job_state(victim) in ("PENDING", "RUNNING", "CONFIGURING"), victim_log.read_text()[-4000:]
         time.sleep(0.5)
     subprocess.run(["scancel", "--batch", "--signal=USR1", victim], check=True, timeout=30)
@@ -112,9 +140,20 @@ def test_signalled_job_checkpoints_requeues_and_matches_uninterrupted(slurm_env,
 
 def test_hydra_submitit_sweep_2x2_writes_sweep_index(slurm_env, tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm", "+recipe=fp32,bf16",
-           "trainer.seed=1,2", "trainer.max_steps=8", "trainer.log_every=4", "trainer.eval_sequences=16",
-           "logger.wandb.mode=offline", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train" / "run.py"),
+        "-m",
+        "hydra/launcher=slurm",
+        "+recipe=fp32,bf16",
+        "trainer.seed=1,2",
+        "trainer.max_steps=8",
+        "trainer.log_every=4",
+        "trainer.eval_sequences=16",
+        "logger.wandb.mode=offline",
+        "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     index = json.loads((sweep / "sweep.json").read_text())
@@ -136,9 +175,17 @@ def test_hydra_submitit_sweep_2x2_writes_sweep_index(slurm_env, tmp_path):
     victim = index["jobs"][1]
     Path(victim["run_dir"], "summary.json").unlink()
     assert json.loads((sweep / "sweep.json").read_text())["num_completed"] == 4  # stale until rebuilt
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "resubmit_failed.py"), str(sweep)], cwd=ROOT,
-                          env=slurm_env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "1 job(s) to resubmit" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "resubmit_failed.py"), str(sweep)],
+        cwd=ROOT,
+        env=slurm_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "1 job(s) to resubmit" in proc.stdout, (
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
     after = json.loads((sweep / "sweep.json").read_text())
     assert after["num_completed"] == 4
     again = next(j for j in after["jobs"] if j["num"] == victim["num"])
@@ -151,10 +198,21 @@ def test_hydra_submitit_sweep_2x2_writes_sweep_index(slurm_env, tmp_path):
 def test_multitask_sweep_job_trains_with_two_ranks(slurm_env, tmp_path):
     """hydra.launcher.tasks_per_node=2: each submitit task is one rank of one DeepSpeed job."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm",
-           "hydra.launcher.tasks_per_node=2", "parallel=ddp", "+recipe=fp32", "trainer.max_steps=6",
-           "trainer.log_every=3", "trainer.eval_sequences=16", "logger.wandb.mode=offline",
-           "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train" / "run.py"),
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.tasks_per_node=2",
+        "parallel=ddp",
+        "+recipe=fp32",
+        "trainer.max_steps=6",
+        "trainer.log_every=3",
+        "trainer.eval_sequences=16",
+        "logger.wandb.mode=offline",
+        "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     index = json.loads((sweep / "sweep.json").read_text())
@@ -169,12 +227,27 @@ def test_multitask_sweep_job_trains_with_two_ranks(slurm_env, tmp_path):
 def test_submitit_usr2_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     """submitit's USR2 (its timeout/preemption signal): the trainer checkpoints, hands the signal to
     submitit's handler, which requeues the job; the requeued job resumes in the same run dir."""
-    args = ["+recipe=fp32", "trainer.max_steps=60", "trainer.log_every=1", "trainer.eval_every=30",
-            "trainer.eval_sequences=16", "logger.wandb.mode=offline"]
+    args = [
+        "+recipe=fp32",
+        "trainer.max_steps=60",
+        "trainer.log_every=1",
+        "trainer.eval_every=30",
+        "trainer.eval_sequences=16",
+        "logger.wandb.mode=offline",
+    ]
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm", *args,
-           "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        str(ROOT / "train" / "run.py"),
+        "-m",
+        "hydra/launcher=slurm",
+        *args,
+        "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = sweep / "0" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and len(read_jsonl(metrics)) >= 10):

@@ -19,7 +19,12 @@ from .conftest import ROOT, RunResult, read_jsonl, run_lowbit
 from .golden import OTHER_MACHINE_LOSS_ATOL, same_machine
 
 STEPS = 20
-COMMON = [f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.eval_every=10", "trainer.eval_sequences=32"]
+COMMON = [
+    f"trainer.max_steps={STEPS}",
+    "trainer.log_every=1",
+    "trainer.eval_every=10",
+    "trainer.eval_sequences=32",
+]
 GOLDEN = ROOT / "tests" / "assets" / "losses"
 
 
@@ -53,7 +58,9 @@ def test_single_process_runs_train(runs):
 def test_init_weights_and_data_order_do_not_depend_on_recipe(runs):
     fp = {k: r.run_config["fingerprints"] for k, r in runs.items()}
     assert fp["fp32"] == fp["bf16"]
-    assert runs["fp32"].metrics[0]["train/loss"] == pytest.approx(runs["bf16"].metrics[0]["train/loss"], abs=0.02)
+    assert runs["fp32"].metrics[0]["train/loss"] == pytest.approx(
+        runs["bf16"].metrics[0]["train/loss"], abs=0.02
+    )
 
 
 def test_run_config_records_resolved_config_and_environment(runs):
@@ -89,7 +96,9 @@ def _golden_check(res: RunResult, name: str) -> None:
     if not same_machine(golden):  # bits depend on the CPU kind (tests/golden.py:machine_signature)
         assert got == pytest.approx(golden["losses"], abs=OTHER_MACHINE_LOSS_ATOL)
         return
-    assert got == golden["losses"], "loss curve moved: if the change is meant to touch numerics, regenerate with scripts/update_golden.py"
+    assert got == golden["losses"], (
+        "loss curve moved: if the change is meant to touch numerics, regenerate with scripts/update_golden.py"
+    )
 
 
 COMMON_GOLDEN = {
@@ -109,7 +118,9 @@ def test_golden_loss_curves(runs):
     [("ddp", "fp32"), ("zero1", "bf16"), ("zero2", "fp32"), ("zero3", "bf16")],
 )
 def test_two_process_deepspeed(parallel, recipe, runs, tmp_path):
-    res = run_lowbit([f"parallel={parallel}", f"+recipe={recipe}", "launcher.nproc_per_node=2", *COMMON], run_dir=tmp_path)
+    res = run_lowbit(
+        [f"parallel={parallel}", f"+recipe={recipe}", "launcher.nproc_per_node=2", *COMMON], run_dir=tmp_path
+    )
     assert_trains(res)
     rc = res.run_config
     assert rc["resolved"]["world_size"] == 2 and rc["resolved"]["launcher"] == "lowbit"
@@ -130,7 +141,9 @@ def test_runs_under_torchrun(runs, tmp_path):
         launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
     )
     assert_trains(res)
-    assert res.run_config["resolved"]["launcher"] == "torchrun" and res.run_config["resolved"]["world_size"] == 2
+    assert (
+        res.run_config["resolved"]["launcher"] == "torchrun" and res.run_config["resolved"]["world_size"] == 2
+    )
     ref = runs["fp32"].losses()
     assert max(abs(res.losses()[s] - ref[s]) for s in ref) < 1e-4
 
@@ -149,8 +162,14 @@ def test_checkpoint_and_resume_reproduce_the_run(runs, tmp_path):
 
 def test_local_multirun_two_recipes(tmp_path):
     res = run_lowbit(
-        ["-m", "+recipe=fp32,bf16", "trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_sequences=16",
-         f"hydra.sweep.dir={tmp_path}"],
+        [
+            "-m",
+            "+recipe=fp32,bf16",
+            "trainer.max_steps=3",
+            "trainer.log_every=1",
+            "trainer.eval_sequences=16",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
     )
     assert res.proc.returncode == 0
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
@@ -159,15 +178,21 @@ def test_local_multirun_two_recipes(tmp_path):
     for job in jobs:
         m = read_jsonl(job / "metrics.jsonl")
         assert [r["step"] for r in m] == [1, 2, 3]
-        precisions.append(json.loads(json.dumps(__import__("yaml").safe_load((job / "run_config.yaml").read_text())))["config"]["recipe"]["precision"])
+        precisions.append(
+            json.loads(json.dumps(__import__("yaml").safe_load((job / "run_config.yaml").read_text())))[
+                "config"
+            ]["recipe"]["precision"]
+        )
         wb = read_run(find_run_files(job)[0])
         assert wb["exit_code"] == 0 and len(wb["history"]) == 3
     assert sorted(precisions) == ["bf16", "fp32"]
 
 
 def test_activation_checkpointing_does_not_touch_numerics(runs, tmp_path):
-    res = run_lowbit(["parallel=single", "+recipe=fp32", *COMMON, "trainer.activation_checkpointing=true",
-                      "logger=none"], run_dir=tmp_path)
+    res = run_lowbit(
+        ["parallel=single", "+recipe=fp32", *COMMON, "trainer.activation_checkpointing=true", "logger=none"],
+        run_dir=tmp_path,
+    )
     assert res.losses() == runs["fp32"].losses()
 
 
@@ -181,8 +206,17 @@ def test_deepspeed_launcher_local_rank_argument_is_dropped():
 @pytest.mark.dist
 def test_runs_under_the_deepspeed_launcher(runs, tmp_path):
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    res = run_lowbit(["parallel=ddp", "+recipe=fp32", *COMMON, "logger=none"], run_dir=tmp_path,
-                     launcher=[deepspeed, "--num_gpus", "2", "--master_port", str(__import__("train.dist").dist.free_port())])
+    res = run_lowbit(
+        ["parallel=ddp", "+recipe=fp32", *COMMON, "logger=none"],
+        run_dir=tmp_path,
+        launcher=[
+            deepspeed,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(__import__("train.dist").dist.free_port()),
+        ],
+    )
     assert res.run_config["resolved"]["world_size"] == 2
     ref = runs["fp32"].losses()
     assert max(abs(res.losses()[s] - ref[s]) for s in ref) < 1e-4

@@ -12,7 +12,16 @@ from omegaconf import OmegaConf
 
 from train.validate import ConfigError
 
-_HYDRA_FLAGS_WITHOUT_COMPOSE = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc")
+_HYDRA_FLAGS_WITHOUT_COMPOSE = (
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--version",
+    "--shell-completion",
+    "-sc",
+)
 GROUPS = ("model", "parallel", "data", "trainer", "logger", "recipe")
 
 

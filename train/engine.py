@@ -41,7 +41,11 @@ def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict[str, Any
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     t = cfg.trainer
     return torch.optim.AdamW(
-        param_groups(model, weight_decay=t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True
+        param_groups(model, weight_decay=t.weight_decay),
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.eps,
+        foreach=True,
     )
 
 
@@ -143,11 +147,24 @@ def reset_deepspeed_state() -> None:
     ds_comm.cdb = None
     # DeepSpeed caches process groups in module globals; a second engine in the
     # same process (Hydra multirun jobs) must not see the destroyed ones.
-    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+    for name in (
+        "_EXPERT_PARALLEL_GROUP",
+        "_EXPERT_PARALLEL_GROUP_RANKS",
+        "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+        "_ALL_TO_ALL_GROUP",
+    ):
         getattr(ds_groups, name).clear()
-    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu", "mesh_device",
-                 "_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
-                 "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE", "_MPU_TENSOR_MODEL_PARALLEL_RANK"):
+    for name in (
+        "_WORLD_GROUP",
+        "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+        "mpu",
+        "mesh_device",
+        "_TENSOR_MODEL_PARALLEL_GROUP",
+        "_MODEL_PARALLEL_GROUP",
+        "_DATA_PARALLEL_GROUP",
+        "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+        "_MPU_TENSOR_MODEL_PARALLEL_RANK",
+    ):
         if hasattr(ds_groups, name):
             setattr(ds_groups, name, None)

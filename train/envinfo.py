@@ -9,7 +9,17 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("torch", "deepspeed", "hydra-core", "omegaconf", "wandb", "datasets", "tokenizers", "transformer-engine", "torchao")
+PACKAGES = (
+    "torch",
+    "deepspeed",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "datasets",
+    "tokenizers",
+    "transformer-engine",
+    "torchao",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -25,7 +35,9 @@ def package_versions() -> dict[str, str]:
 def git_sha() -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
-        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        res = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         return res.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

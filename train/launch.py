@@ -42,7 +42,10 @@ def launch(cfg: RunConfig, plan: Plan, run_dir: Path) -> dict[str, Any]:
         from train.loop import run_training
 
         if denv.world_size > 1 and nproc > 1 and denv.is_main:
-            print(f"lowbit: launcher.nproc_per_node={nproc} ignored: already started by {denv.launcher}", flush=True)
+            print(
+                f"lowbit: launcher.nproc_per_node={nproc} ignored: already started by {denv.launcher}",
+                flush=True,
+            )
         return run_training(cfg, plan, run_dir)
     return launch_local_workers(cfg, plan, run_dir, nproc=nproc)
 
@@ -67,7 +70,10 @@ def launch_local_workers(cfg: RunConfig, plan: Plan, run_dir: Path, *, nproc: in
         local_addr="127.0.0.1",
     )
     os.environ["LOWBIT_LAUNCHER"] = "lowbit"
-    os.environ.setdefault("OMP_NUM_THREADS", str(lbdist.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=nproc)))
+    os.environ.setdefault(
+        "OMP_NUM_THREADS",
+        str(lbdist.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=nproc)),
+    )
     try:
         results = elastic_launch(lc, worker_entry)(cfg, plan, str(run_dir))
     finally:

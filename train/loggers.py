@@ -116,7 +116,10 @@ class WandbLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         import wandb
 
-        row = {k: wandb.Histogram(v) if k.endswith("_hist") and isinstance(v, list) else v for k, v in metrics.items()}
+        row = {
+            k: wandb.Histogram(v) if k.endswith("_hist") and isinstance(v, list) else v
+            for k, v in metrics.items()
+        }
         self.run.log({"step": step, **row}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -70,7 +70,9 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     guard = PreemptionGuard().install()  # first: a signal during start-up must not kill the job
     torch.autograd.set_detect_anomaly(cfg.debug.detect_anomaly)
     denv = lbdist.detect()
-    torch.set_num_threads(lbdist.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=denv.local_world_size))
+    torch.set_num_threads(
+        lbdist.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=denv.local_world_size)
+    )
     lbdist.export(denv)
     init_distributed(plan.device)
     if plan.device == "cuda":
@@ -85,7 +87,9 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     model = build_model(cfg.model, vocab_size=vocab, seed=cfg.trainer.seed)
     model.activation_checkpointing = cfg.trainer.activation_checkpointing
     init_fp = weights_fingerprint(model)  # before the recipe or the engine touch the weights
-    schedule = BatchSchedule(len(data.train_idx), global_batch_size=cfg.trainer.global_batch_size, seed=cfg.trainer.seed)
+    schedule = BatchSchedule(
+        len(data.train_idx), global_batch_size=cfg.trainer.global_batch_size, seed=cfg.trainer.seed
+    )
 
     ref_model = copy.deepcopy(model) if cfg.reference.mode == "lockstep" else None
     recipe = get_recipe(cfg.recipe)
@@ -113,10 +117,16 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
             "recipe": recipe.describe(),
             "perf": perf.describe(),
         },
-        "fingerprints": {"init_weights": init_fp, "data": data.fingerprint, "data_order": order_fingerprint(schedule)},
+        "fingerprints": {
+            "init_weights": init_fp,
+            "data": data.fingerprint,
+            "data_order": order_fingerprint(schedule),
+        },
         "env": environment(plan.device),
     }
-    if isinstance(reference, FileReference) and (why := reference.fingerprint_mismatch(resolved["fingerprints"])):
+    if isinstance(reference, FileReference) and (
+        why := reference.fingerprint_mismatch(resolved["fingerprints"])
+    ):
         raise RuntimeError(f"reference.run_dir={reference.run_dir} is not a reference for this run: {why}")
     if denv.is_main:
         write_run_config(run_dir, resolved)
@@ -128,12 +138,31 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     tracker = DivergenceTracker(threshold=cfg.reference.threshold, decay=cfg.reference.ema)
     collector = None
     if cfg.stats.every:
-        collector = GradStatsCollector(engine.module, [n.removesuffix(".weight") for n in stat_params],
-                                       spec=grad_spec_for(cfg.recipe),
-                                       shadow={f: get_spec(f) for f in cfg.stats.shadow_formats},
-                                       world_size=plan.world_size)
-    return Run(cfg, plan, denv, run_dir, data, schedule, recipe, engine, loggers, guard, reference, tracker,
-               stat_params, collector, perf, start_step=start_step)
+        collector = GradStatsCollector(
+            engine.module,
+            [n.removesuffix(".weight") for n in stat_params],
+            spec=grad_spec_for(cfg.recipe),
+            shadow={f: get_spec(f) for f in cfg.stats.shadow_formats},
+            world_size=plan.world_size,
+        )
+    return Run(
+        cfg,
+        plan,
+        denv,
+        run_dir,
+        data,
+        schedule,
+        recipe,
+        engine,
+        loggers,
+        guard,
+        reference,
+        tracker,
+        stat_params,
+        collector,
+        perf,
+        start_step=start_step,
+    )
 
 
 def build_reference(cfg: RunConfig, plan: Plan, ref_model: torch.nn.Module | None):
@@ -141,7 +170,9 @@ def build_reference(cfg: RunConfig, plan: Plan, ref_model: torch.nn.Module | Non
         return FileReference(cfg.reference.run_dir)
     if ref_model is None:
         return None
-    ref_cfg = replace(cfg, recipe=replace(cfg.recipe, name=cfg.reference.precision, precision=cfg.reference.precision))
+    ref_cfg = replace(
+        cfg, recipe=replace(cfg.recipe, name=cfg.reference.precision, precision=cfg.reference.precision)
+    )
     return LockstepReference(build_engine(ref_model, ref_cfg, plan), world_size=plan.world_size)
 
 
@@ -199,8 +230,11 @@ def save_checkpoint(run: Run, step: int) -> None:
     tag = f"step_{step:07d}"
     if isinstance(run.reference, LockstepReference):  # first, so `latest` of the run implies the reference's
         run.reference.engine.save_checkpoint(str(run.run_dir / REFERENCE_CHECKPOINT_DIR), tag=tag)
-    run.engine.save_checkpoint(str(run.run_dir / CHECKPOINT_DIR), tag=tag,
-                               client_state={"step": step, "recipe": run.recipe.state_dict()})
+    run.engine.save_checkpoint(
+        str(run.run_dir / CHECKPOINT_DIR),
+        tag=tag,
+        client_state={"step": step, "recipe": run.recipe.state_dict()},
+    )
 
 
 def micro_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -208,7 +242,9 @@ def micro_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]
         step, rank=run.denv.rank, world_size=run.denv.world_size, micro_batch_size=run.plan.micro_batch_size
     )
     dev = run.engine.device
-    return [tuple(t.to(dev, non_blocking=True) for t in run.data.sequences(run.data.train_idx[i])) for i in idx]
+    return [
+        tuple(t.to(dev, non_blocking=True) for t in run.data.sequences(run.data.train_idx[i])) for i in idx
+    ]
 
 
 def mean_across_ranks(x: torch.Tensor, denv: lbdist.DistEnv) -> float:
@@ -231,7 +267,9 @@ def evaluate(run: Run) -> float:
         x, y = (t.to(run.engine.device) for t in run.data.sequences(idx[lo : lo + mb]))
         with run.recipe.forward_context():
             loss = run.engine(x, y)
-        total += torch.stack([loss.double() * len(x), torch.tensor(float(len(x)), dtype=torch.float64, device=loss.device)])
+        total += torch.stack(
+            [loss.double() * len(x), torch.tensor(float(len(x)), dtype=torch.float64, device=loss.device)]
+        )
     run.engine.train()
     if run.denv.is_distributed:
         dist.all_reduce(total)
@@ -246,8 +284,16 @@ def grad_norm_after_step(run: Run, manual: torch.Tensor | None) -> float:
     return float(norm)
 
 
-def step_metrics(run: Run, step: int, *, losses: list[torch.Tensor], lr: float, manual_norm: torch.Tensor | None,
-                 step_time: float, data_time: float) -> dict[str, Any]:
+def step_metrics(
+    run: Run,
+    step: int,
+    *,
+    losses: list[torch.Tensor],
+    lr: float,
+    manual_norm: torch.Tensor | None,
+    step_time: float,
+    data_time: float,
+) -> dict[str, Any]:
     """The logged values of one step (host syncs happen here, on log steps only)."""
     t = run.cfg.trainer
     metrics: dict[str, Any] = {
@@ -292,8 +338,9 @@ def train_loop(run: Run) -> dict[str, Any]:
                 if capture:
                     grads = full_grads(engine, capture)
                 if is_stat:
-                    weights = weight_metrics(engine, [n.removesuffix(".weight") for n in run.stat_params],
-                                             grads=grads)
+                    weights = weight_metrics(
+                        engine, [n.removesuffix(".weight") for n in run.stat_params], grads=grads
+                    )
             engine.step()
             losses.append(loss.detach())
             if run.reference is not None:
@@ -309,8 +356,15 @@ def train_loop(run: Run) -> dict[str, Any]:
             if run.plan.device == "cuda":
                 torch.cuda.synchronize()
             step_time = (time.perf_counter() - window_start) / window_steps
-            metrics = step_metrics(run, step, losses=losses, lr=lr, manual_norm=manual_norm, step_time=step_time,
-                                   data_time=data_time / window_steps)
+            metrics = step_metrics(
+                run,
+                step,
+                losses=losses,
+                lr=lr,
+                manual_norm=manual_norm,
+                step_time=step_time,
+                data_time=data_time / window_steps,
+            )
             if is_stat:
                 metrics["grad/global_norm"] = metrics["train/grad_norm"]
                 metrics.update(weights)

@@ -29,8 +29,14 @@ def format_family(recipe_cfg: Any) -> str:
     if quantizer.startswith("fp8"):
         return "fp8"
     fmt = getattr(recipe_cfg, "input_format", None) or ""
-    return {"fp8_e4m3": "mxfp8", "fp8_e5m2": "mxfp8", "fp6_e3m2": "mxfp6", "fp6_e2m3": "mxfp6",
-            "fp4_e2m1": "mxfp4", "int8": "mxint8"}.get(fmt, recipe_cfg.precision)
+    return {
+        "fp8_e4m3": "mxfp8",
+        "fp8_e5m2": "mxfp8",
+        "fp6_e3m2": "mxfp6",
+        "fp6_e2m3": "mxfp6",
+        "fp4_e2m1": "mxfp4",
+        "int8": "mxint8",
+    }.get(fmt, recipe_cfg.precision)
 
 
 @dataclass
@@ -62,10 +68,14 @@ class PerfMeter:
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"flops_per_token": self.flops_per_token, "peak_tflops_bf16_per_device": self.peak_bf16,
-                "peak_tflops_format_per_device": self.peak_format,
-                "mfu": "defined" if self.peak_bf16 else f"not defined on {self.device}: no dense peak known "
-                       "(set stats.peak_tflops to use one)"}
+        return {
+            "flops_per_token": self.flops_per_token,
+            "peak_tflops_bf16_per_device": self.peak_bf16,
+            "peak_tflops_format_per_device": self.peak_format,
+            "mfu": "defined"
+            if self.peak_bf16
+            else f"not defined on {self.device}: no dense peak known (set stats.peak_tflops to use one)",
+        }
 
     def metrics(self, *, step_time: float, data_time: float) -> dict[str, float]:
         tok_s = self.tokens_per_step / step_time
@@ -85,5 +95,7 @@ class PerfMeter:
             out["perf/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             out["perf/max_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         else:
-            out["perf/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+            out["perf/max_rss_gib"] = (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            )  # KiB on Linux
         return out

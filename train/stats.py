@@ -54,7 +54,9 @@ def grad_spec_for(recipe_cfg: Any) -> FormatSpec | None:
     if quantizer == "mx":
         name = "mxint8" if fmt == "int8" else f"mx{fmt}"
         spec = get_spec(name)
-        return replace(spec, block_size=recipe_cfg.block_size or spec.block_size, scale_rule=recipe_cfg.scale_rule)
+        return replace(
+            spec, block_size=recipe_cfg.block_size or spec.block_size, scale_rule=recipe_cfg.scale_rule
+        )
     if quantizer == "nvfp4":
         return get_spec("nvfp4")
     if quantizer.startswith("fp8"):
@@ -69,8 +71,15 @@ def _merge(acc: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) ->
 
 
 class GradStatsCollector:
-    def __init__(self, model: nn.Module, layers: list[str], *, spec: FormatSpec | None,
-                 shadow: dict[str, FormatSpec] | None = None, world_size: int = 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[str],
+        *,
+        spec: FormatSpec | None,
+        shadow: dict[str, FormatSpec] | None = None,
+        world_size: int = 1,
+    ):
         self.model = model
         self.world_size = world_size
         self.layers = layers
@@ -84,7 +93,9 @@ class GradStatsCollector:
     def arm(self) -> None:
         self._grad, self._act = {}, {}
         for name in self.layers:
-            self._handles.append(self.model.get_submodule(name).register_forward_hook(self._forward_hook(name)))
+            self._handles.append(
+                self.model.get_submodule(name).register_forward_hook(self._forward_hook(name))
+            )
 
     def disarm(self) -> None:
         for h in self._handles:
@@ -122,10 +133,16 @@ class GradStatsCollector:
             return {}
         sum_names = sorted({k for sums in self._grad.values() for k in sums if REDUCE_OPS[k] == "sum"})
         dev = next(iter(self._grad.values()))["num_elements"].device
-        sums = torch.stack([torch.stack([self._grad[k].get(n, torch.zeros((), device=dev)).double()
-                                         for n in sum_names]) for k in keys])
-        maxes = torch.stack([self._grad[k]["absmax"].float() for k in keys] +
-                            [self._act[n] for n in self.layers if n in self._act])
+        sums = torch.stack(
+            [
+                torch.stack([self._grad[k].get(n, torch.zeros((), device=dev)).double() for n in sum_names])
+                for k in keys
+            ]
+        )
+        maxes = torch.stack(
+            [self._grad[k]["absmax"].float() for k in keys]
+            + [self._act[n] for n in self.layers if n in self._act]
+        )
         if distributed:
             dist.all_reduce(sums)
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
@@ -154,13 +171,18 @@ class GradStatsCollector:
         values = torch.stack([v.float() for v in out.values()]).tolist()  # the one host sync
         result: dict[str, Any] = dict(zip(names, values))
         if self.spec is not None:
-            result["grad/underflow_frac_hist"] = [result[f"grad/{n}/underflow_frac"] for n in self.layers
-                                                  if f"grad/{n}/underflow_frac" in result]
+            result["grad/underflow_frac_hist"] = [
+                result[f"grad/{n}/underflow_frac"]
+                for n in self.layers
+                if f"grad/{n}/underflow_frac" in result
+            ]
         self._grad, self._act = {}, {}
         return result
 
 
-def weight_metrics(engine: Any, layers: list[str], *, grads: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+def weight_metrics(
+    engine: Any, layers: list[str], *, grads: dict[str, torch.Tensor] | None = None
+) -> dict[str, float]:
     """``grad/<layer>/weight_norm`` (reduced gradient, before the step) and ``weight/<layer>/absmax``
     (FP32 master). Works under every ZeRO stage; call on all ranks at the accumulation boundary.
     ``grads``: full gradients by parameter name already gathered this step (not fetched again)."""

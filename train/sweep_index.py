@@ -52,8 +52,11 @@ def job_record(job_dir: Path) -> dict[str, Any]:
 
 
 def build_index(sweep_dir: Path) -> dict[str, Any]:
-    jobs = [job_record(d) for d in sorted(sweep_dir.iterdir(), key=lambda p: (len(p.name), p.name))
-            if d.is_dir() and (d / ".hydra" / "overrides.yaml").exists()]
+    jobs = [
+        job_record(d)
+        for d in sorted(sweep_dir.iterdir(), key=lambda p: (len(p.name), p.name))
+        if d.is_dir() and (d / ".hydra" / "overrides.yaml").exists()
+    ]
     states = [j["state"] for j in jobs]
     return {
         "sweep_dir": str(sweep_dir),
@@ -70,4 +73,6 @@ class SweepIndex(Callback):
             return
         index = build_index(sweep_dir)
         (sweep_dir / "sweep.json").write_text(json.dumps(index, indent=1) + "\n")
-        print(f"lowbit: sweep index {sweep_dir / 'sweep.json'}: {index['num_completed']}/{index['num_jobs']} completed")
+        print(
+            f"lowbit: sweep index {sweep_dir / 'sweep.json'}: {index['num_completed']}/{index['num_jobs']} completed"
+        )

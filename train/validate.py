@@ -78,10 +78,18 @@ def check_reference(cfg: RunConfig) -> None:
     if ref.run_dir is None:
         return
     if ref.mode == "lockstep":
-        raise ConfigError("reference.run_dir", ref.run_dir, "use either reference.run_dir or reference.mode=lockstep")
-    if not (os.path.isfile(os.path.join(ref.run_dir, "metrics.jsonl"))
-            and os.path.isfile(os.path.join(ref.run_dir, "run_config.yaml"))):
-        raise ConfigError("reference.run_dir", ref.run_dir, "not a lowbit run directory (needs metrics.jsonl and run_config.yaml)")
+        raise ConfigError(
+            "reference.run_dir", ref.run_dir, "use either reference.run_dir or reference.mode=lockstep"
+        )
+    if not (
+        os.path.isfile(os.path.join(ref.run_dir, "metrics.jsonl"))
+        and os.path.isfile(os.path.join(ref.run_dir, "run_config.yaml"))
+    ):
+        raise ConfigError(
+            "reference.run_dir",
+            ref.run_dir,
+            "not a lowbit run directory (needs metrics.jsonl and run_config.yaml)",
+        )
     ref_cfg, _ = load_reference_run(ref.run_dir)
     why = reference_mismatch({"config": asdict(cfg)}, ref_cfg)
     if why:
@@ -98,7 +106,11 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
     _one_of("model.mlp", m.mlp, ("gelu", "swiglu"))
     _one_of("model.norm", m.norm, ("layernorm", "rmsnorm"))
     _one_of("model.pos", m.pos, ("learned", "rope"))
-    for key, val in (("model.n_layers", m.n_layers), ("model.seq_len", m.seq_len), ("model.d_model", m.d_model)):
+    for key, val in (
+        ("model.n_layers", m.n_layers),
+        ("model.seq_len", m.seq_len),
+        ("model.d_model", m.d_model),
+    ):
         if val < 1:
             raise ConfigError(key, val, "must be >= 1")
     # trainer
@@ -112,9 +124,15 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         if val < 1:
             raise ConfigError(key, val, "must be >= 1")
     if t.checkpoint_every < 0:
-        raise ConfigError("trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 disables periodic checkpoints)")
+        raise ConfigError(
+            "trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 disables periodic checkpoints)"
+        )
     if t.micro_batch_size < 0:
-        raise ConfigError("trainer.micro_batch_size", t.micro_batch_size, "must be >= 1, or 0 for global_batch_size / world_size")
+        raise ConfigError(
+            "trainer.micro_batch_size",
+            t.micro_batch_size,
+            "must be >= 1, or 0 for global_batch_size / world_size",
+        )
     micro = t.micro_batch_size or max(t.global_batch_size // world_size, 1)
     per_step = micro * world_size
     if t.global_batch_size % per_step:
@@ -146,7 +164,9 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         raise ConfigError("parallel.zero_stage", p.zero_stage, "use 0, 1, 2 or 3")
     if p.single_process and world_size > 1:
         raise ConfigError(
-            "parallel", p.name, f"runs one process but the job has {world_size}; use parallel=ddp|zero1|zero2|zero3"
+            "parallel",
+            p.name,
+            f"runs one process but the job has {world_size}; use parallel=ddp|zero1|zero2|zero3",
         )
     if p.offload_param and p.zero_stage < 3:
         raise ConfigError("parallel.offload_param", True, "parameter offload needs parallel.zero_stage=3")
@@ -158,7 +178,9 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
     _one_of("recipe.backend", r.backend, BACKENDS)
     if r.precision == "fp16" and device == "cpu":
         raise ConfigError(
-            "recipe.precision", "fp16", "DeepSpeed refuses fp16 on its CPU accelerator; use +recipe=bf16 or run on a GPU"
+            "recipe.precision",
+            "fp16",
+            "DeepSpeed refuses fp16 on its CPU accelerator; use +recipe=bf16 or run on a GPU",
         )
     check_recipe_on_model(cfg)
     check_reference(cfg)
@@ -175,7 +197,12 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
     if cfg.logger.wandb.mode not in (None, "offline", "online", "disabled"):
         raise ConfigError("logger.wandb.mode", cfg.logger.wandb.mode, "use null, offline, online or disabled")
     if p.offload_optimizer and p.zero_stage == 0:
-        raise ConfigError("parallel.offload_optimizer", True, "optimizer offload needs parallel.zero_stage >= 1")
+        raise ConfigError(
+            "parallel.offload_optimizer", True, "optimizer offload needs parallel.zero_stage >= 1"
+        )
     return Plan(
-        world_size=world_size, device=device, micro_batch_size=micro, grad_accum_steps=t.global_batch_size // per_step
+        world_size=world_size,
+        device=device,
+        micro_batch_size=micro,
+        grad_accum_steps=t.global_batch_size // per_step,
     )

@@ -106,8 +106,16 @@ def encode_mx(
     seed: int | None = None,
 ) -> MXTensor:
     """Quantize ``x`` exactly as ``quantize_mx`` does and return the codes and E8M0 scales."""
-    fmt, layout, noise = prepare(x, fmt, block_size=block_size, axis=axis, rounding=rounding,
-                                 scale_rule=scale_rule, generator=generator, seed=seed)
+    fmt, layout, noise = prepare(
+        x,
+        fmt,
+        block_size=block_size,
+        axis=axis,
+        rounding=rounding,
+        scale_rule=scale_rule,
+        generator=generator,
+        seed=seed,
+    )
     xb = to_blocks(x.float(), layout)
     nb = None if noise is None else to_blocks(noise, layout)
     m = quantize_blocks(xb, nb, fmt=fmt, rounding=rounding, scale_rule=scale_rule)

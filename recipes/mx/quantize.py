@@ -255,8 +255,16 @@ def quantize_mx(
     Returns:
         A tensor of ``x``'s shape and dtype.
     """
-    fmt, layout, noise = prepare(x, elem_format, block_size=block_size, axis=axis, rounding=rounding,
-                                 scale_rule=scale_rule, generator=generator, seed=seed)
+    fmt, layout, noise = prepare(
+        x,
+        elem_format,
+        block_size=block_size,
+        axis=axis,
+        rounding=rounding,
+        scale_rule=scale_rule,
+        generator=generator,
+        seed=seed,
+    )
     if x.numel() == 0:
         return x.clone()
     kwargs = dict(fmt=fmt, layout=layout, rounding=rounding, scale_rule=scale_rule)

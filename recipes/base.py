@@ -7,6 +7,9 @@ A recipe is a small object built from a ``RecipeConfig``:
   device, loudly, so the run config records what actually ran;
 * ``convert(model)``  swaps the modules it quantizes and reports what it did;
 * ``forward_context`` wraps each forward pass (e.g. an FP8 autocast);
+* ``grad_format`` / ``gemm_family`` answer what the trainer would otherwise guess
+  from strings: the format of dY (for gradient statistics) and the GEMM rate
+  class (for the format-peak MFU);
 * ``on_optimizer_step`` updates per-step state (e.g. delayed-scaling amaxes);
 * ``state_dict`` / ``load_state_dict`` carry that state through checkpoints;
 * ``describe()``      a dict for the run config and W&B.
@@ -18,13 +21,17 @@ Adding a recipe is one module that calls ``register_recipe`` plus one YAML in
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from recipes.config import RecipeConfig
+
+if TYPE_CHECKING:
+    from recipes.numerics import FormatSpec
 
 
 @dataclass
@@ -40,15 +47,6 @@ class ConversionReport:
             return f"no Linear converted; all {total} run in the engine precision"
         kept = ", ".join(self.kept) if self.kept else "none"
         return f"converted {len(self.converted)}/{total} Linear; kept in high precision: {kept}"
-
-
-class RecipeConfigError(ValueError):
-    """A recipe setting that cannot work with this model: the trainer prints it as
-    ``lowbit: config error: <key>=<value>: <fix>`` before any heavy start-up."""
-
-    def __init__(self, key: str, value: object, fix: str):
-        super().__init__(f"{key}={value}: {fix}")
-        self.key, self.value, self.fix = key, value, fix
 
 
 class Recipe:
@@ -86,13 +84,34 @@ class Recipe:
         return chosen, note
 
     def check(self, model: nn.Module) -> None:
-        """Raise RecipeConfigError if this recipe cannot run on ``model`` (built on the
+        """Raise ConfigError if this recipe cannot run on ``model`` (built on the
         meta device at validation time, so no memory or compute is spent)."""
         return None
 
     def convert(self, model: nn.Module) -> ConversionReport:
         self.report = ConversionReport(kept=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
         return self.report
+
+    def grad_format(self) -> FormatSpec | None:
+        """The format each converted Linear's output gradient dY is quantized to, as a
+        ``recipes.numerics.FormatSpec`` (None: dY stays in the engine precision). The gradient
+        statistics (``grad/<layer>/underflow_frac``...) are taken against it."""
+        warnings.warn(
+            f"recipe {self.name} ({type(self).__name__}) does not say which format its gradients are "
+            "quantized to (Recipe.grad_format): grad/ statistics are taken against none",
+            stacklevel=2,
+        )
+        return None
+
+    def gemm_family(self) -> str:
+        """The tensor-core rate its GEMMs run at, one of ``recipes.config.GEMM_FAMILIES``:
+        ``perf/mfu_format_peak`` divides by the device's peak for it."""
+        warnings.warn(
+            f"recipe {self.name} ({type(self).__name__}) does not name its GEMM family "
+            f"(Recipe.gemm_family): perf/mfu_format_peak uses the {self.precision} peak",
+            stacklevel=2,
+        )
+        return self.precision
 
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

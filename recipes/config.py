@@ -21,6 +21,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "native", "emulated", "te", "torch")
 #: ``recipe.quantizer`` values: how a quantized operand gets its scales
 QUANTIZERS = ("none", "mx", "nvfp4", "fp8_delayed", "fp8_current", "fp8_rowwise", "fp8_block")
+#: tensor-core rate classes a recipe's GEMMs run at (``Recipe.gemm_family``); the device peak
+#: tables of ``train.telemetry.perf`` are keyed by these (fp32: no tensor-core peak)
+GEMM_FAMILIES = ("fp32", "bf16", "fp16", "fp8", "fp6", "fp4", "int8")
 #: value of ``weight_dgrad_format`` / ``input_wgrad_format`` / ``grad_rounding``
 #: meaning "as the forward role" (``weight_format`` / ``input_format`` / ``rounding``)
 SAME = "same"

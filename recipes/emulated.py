@@ -91,6 +91,7 @@ from recipes.emulated_checks import (
 )
 from recipes.filter import num_blocks, select_modules
 from recipes.fp8 import DelayedScaling, DelayedScalingState, format_for_role
+from recipes.numerics import ELEMENT_GEMM_FAMILY, FormatSpec, get_spec, mx_format_name
 from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear
 from recipes.quantizers import (
     FP8BlockRole,
@@ -199,6 +200,32 @@ class EmulatedRecipe(Recipe):
                     self.attention.append(core)
         self.report = ConversionReport(converted=list(decision.converted), kept=list(decision.kept))
         return self.report
+
+    def grad_format(self) -> FormatSpec | None:
+        """dY's format as a statistics spec. MX and NVFP4 map exactly (element, block size, scale
+        rule); FP8 kinds map to dY's element with per-tensor *current* scaling: exact for
+        ``fp8_current``, an approximation for the others (delayed scales lag the amax, rowwise
+        and block scales are finer)."""
+        cfg = self.cfg
+        fmt = role_formats(cfg)["grad_output_format"]
+        if fmt is None:
+            return None
+        if cfg.quantizer == "mx":
+            spec = get_spec(mx_format_name(fmt))
+            return dataclasses.replace(
+                spec, block_size=cfg.block_size or spec.block_size, scale_rule=cfg.scale_rule
+            )
+        if cfg.quantizer == "nvfp4":
+            return get_spec("nvfp4")
+        return get_spec(fmt)  # FP8 kinds: fp8_e4m3 | fp8_e5m2, checked against fp8_format
+
+    def gemm_family(self) -> str:
+        """The rate class of the forward GEMM: its input operand's element format (an emulated
+        recipe still runs its GEMMs in BF16 today; this names the format whose peak it models)."""
+        fmt = role_formats(self.cfg)["input_format"] or role_formats(self.cfg)["weight_format"]
+        if self.cfg.quantizer == "nvfp4":
+            return "fp4"
+        return ELEMENT_GEMM_FAMILY.get(fmt or "", self.precision)
 
     def on_optimizer_step(self) -> None:
         if self.delayed is not None:

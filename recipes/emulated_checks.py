@@ -1,6 +1,6 @@
 """Model-independent validation of an emulated recipe's settings (``check_recipe_config``).
 
-Every error is a ``RecipeConfigError`` naming the dotted key (``recipe.block_size``)
+Every error is a ``recipes.errors.ConfigError`` naming the dotted key (``recipe.block_size``)
 and the fix; the trainer prints it as one line before any start-up. The
 model-dependent check (block size vs each converted layer) is
 ``EmulatedRecipe.check`` in ``recipes.emulated``.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from recipes.base import RecipeConfigError
 from recipes.config import QUANTIZERS, SAME, RecipeConfig
+from recipes.errors import ConfigError
 from recipes.fp8 import format_for_role
 from recipes.mx import FORMATS, ROUNDINGS, SCALE_RULES
 
@@ -44,8 +44,8 @@ def resolve_compile(value: str, device: str | None) -> bool:
     return device == "cuda" if v == "auto" else v == "true"
 
 
-def config_error(key: str, value: object, fix: str) -> RecipeConfigError:
-    return RecipeConfigError(f"recipe.{key}", value, fix)
+def config_error(key: str, value: object, fix: str) -> ConfigError:
+    return ConfigError(f"recipe.{key}", value, fix)
 
 
 def _check_formats(cfg: RecipeConfig) -> None:
@@ -136,7 +136,7 @@ def _check_block_size(cfg: RecipeConfig) -> None:
 
 
 def check_recipe_config(cfg: RecipeConfig) -> None:
-    """Model-independent checks of an emulated recipe's settings (RecipeConfigError on failure)."""
+    """Model-independent checks of an emulated recipe's settings (ConfigError on failure)."""
     if cfg.backend not in ("auto", "emulated"):
         raise config_error(
             "backend",

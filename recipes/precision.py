@@ -32,3 +32,9 @@ class PrecisionRecipe(Recipe):
     """Engine precision only; every Linear stays a plain ``nn.Linear``."""
 
     backends = ("native",)
+
+    def grad_format(self) -> None:
+        return None  # nothing below the engine dtype
+
+    def gemm_family(self) -> str:
+        return self.precision

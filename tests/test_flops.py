@@ -9,9 +9,9 @@ import torch
 import yaml
 from torch import nn
 
+from recipes.config import GEMM_FAMILIES
 from train.config import ModelConfig
 from train.flops import (
-    FORMAT_FAMILY_DTYPE,
     PEAK_TFLOPS,
     achieved_tflops,
     device_peak_for_format,
@@ -108,7 +108,7 @@ def test_cpu_and_unknown_devices_have_no_peak():
         "NVIDIA GB200",
     ):
         assert peak_tflops(name, "bf16") is None
-        assert device_peak_for_format(name, "mxfp8") is None
+        assert device_peak_for_format(name, "fp8") is None
     assert mfu(1.0, peak_tflops("cpu", "bf16")) is None
     with pytest.raises(ValueError, match="bf16"):
         peak_tflops("NVIDIA H100 PCIe", "tf32")
@@ -122,17 +122,32 @@ def test_more_specific_device_patterns_win():
     assert patterns.index(r"\bH100\b.*\bPCIe\b") < patterns.index(r"\bH100\b")
 
 
-def test_format_family_peaks():
+def test_gemm_family_peaks():
     h100, b200, a100 = "NVIDIA H100 80GB HBM3", "NVIDIA B200", "NVIDIA A100-SXM4-40GB"
     assert device_peak_for_format(h100, "bf16") == 989.4
-    assert device_peak_for_format(h100, "mxfp8") == device_peak_for_format(h100, "fp8_e4m3") == 1978.9
-    assert device_peak_for_format(h100, "nvfp4") is None  # Hopper has no FP4 tensor cores
-    assert device_peak_for_format(h100, "mxfp6_e2m3") is None
-    assert device_peak_for_format(b200, "mxfp4_e2m1") == device_peak_for_format(b200, "nvfp4") == 9000.0
-    assert device_peak_for_format(b200, "mxfp6_e3m2") == 4500.0
-    assert device_peak_for_format(b200, "mxint8") == 4500.0
+    assert device_peak_for_format(h100, "fp8") == 1978.9
+    assert device_peak_for_format(h100, "fp4") is None  # Hopper has no FP4 tensor cores
+    assert device_peak_for_format(h100, "fp6") is None
+    assert device_peak_for_format(b200, "fp4") == 9000.0
+    assert device_peak_for_format(b200, "fp6") == 4500.0
+    assert device_peak_for_format(b200, "int8") == 4500.0
     assert device_peak_for_format(a100, "fp8") is None and device_peak_for_format(a100, "BF16") == 312.0
     assert device_peak_for_format(b200, "fp32") is None
-    with pytest.raises(ValueError, match="mxfp8"):
+    with pytest.raises(ValueError, match="fp8"):
         device_peak_for_format(h100, "fp3")
-    assert set(FORMAT_FAMILY_DTYPE.values()) - {None} <= {d for _, d in PEAK_TFLOPS}
+    assert set(GEMM_FAMILIES) - {"fp32"} <= {d for _, d in PEAK_TFLOPS}
+
+
+@pytest.mark.parametrize(
+    "preset,family",
+    [("bf16", "bf16"), ("fp32", "fp32"), ("mxfp8_e4m3", "fp8"), ("mxfp8", "fp8"), ("mxfp6_e2m3", "fp6"),
+     ("mxfp4_e2m1", "fp4"), ("mxint8", "int8"), ("mx_paper_w4a6", "fp6"), ("nvfp4", "fp4"),
+     ("fp8_delayed", "fp8"), ("fp8_current", "fp8"), ("fp8_block", "fp8"), ("fp8_rowwise", "fp8")],
+)  # fmt: skip
+def test_each_preset_names_its_gemm_family(preset, family):
+    """The recipe answers (no string decoding in train/): MXFP8 -> the fp8 peak, NVFP4/MXFP4 -> fp4."""
+    from recipes.base import get_recipe
+    from train.cli import compose
+
+    recipe = get_recipe(compose([f"+recipe={preset}"]).recipe)
+    assert recipe.gemm_family() == family

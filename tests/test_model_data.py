@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from recipes.errors import ConfigError
 from train.config import DataConfig, ModelConfig
-from train.data import BatchSchedule, DataError, eval_indices, prepare_data, source_files, split_sequences
+from train.data import BatchSchedule, eval_indices, prepare_data, source_files, split_sequences
 from train.engine import lr_lambda
 from train.metrics import weights_fingerprint
 from train.model import build_model, count_params, ffn_width
@@ -140,9 +141,9 @@ def test_local_jsonl_parquet_and_bpe(tmp_path):
 
 
 def test_missing_data_is_a_data_error(tmp_path):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(ConfigError) as e:
         source_files(DataConfig(source="files", path=str(tmp_path / "nothing")))
     assert e.value.key == "data.path"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError):
+    with pytest.raises(ConfigError):
         source_files(DataConfig(source="files", path=str(tmp_path / "empty")))

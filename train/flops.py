@@ -43,11 +43,11 @@ import re
 
 import torch
 
+from recipes.config import GEMM_FAMILIES
 from train.config import ModelConfig
 from train.model import ffn_width
 
 __all__ = [
-    "FORMAT_FAMILY_DTYPE",
     "PEAK_TFLOPS",
     "achieved_tflops",
     "device_peak_for_format",
@@ -120,29 +120,6 @@ _DTYPE_ALIASES = {
 }
 _TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
 
-#: a recipe's GEMM format family -> the peak dtype it runs at (None: no tensor-core peak in the table)
-FORMAT_FAMILY_DTYPE: dict[str, str | None] = {
-    "bf16": "bf16",
-    "fp16": "fp16",
-    "fp32": None,
-    "fp8": "fp8",
-    "fp8_e4m3": "fp8",
-    "fp8_e5m2": "fp8",
-    "mxfp8": "fp8",
-    "mxfp8_e4m3": "fp8",
-    "mxfp8_e5m2": "fp8",
-    "fp6": "fp6",
-    "mxfp6": "fp6",
-    "mxfp6_e3m2": "fp6",
-    "mxfp6_e2m3": "fp6",
-    "fp4": "fp4",
-    "nvfp4": "fp4",
-    "mxfp4": "fp4",
-    "mxfp4_e2m1": "fp4",
-    "int8": "int8",
-    "mxint8": "int8",
-}
-
 
 def gemm_params(model_cfg: ModelConfig, *, vocab_size: int) -> int:
     """``N``: weights of all GEMMs per token (module docstring), lm_head included, embeddings not."""
@@ -193,17 +170,16 @@ def peak_tflops(device_name: str | None, dtype: str | torch.dtype) -> float | No
 
 
 def device_peak_for_format(device_name: str | None, format_family: str) -> float | None:
-    """Peak for a recipe's GEMM format family: mxfp8 -> fp8 peak, nvfp4/mxfp4 -> fp4 peak, ...
+    """Peak for a recipe's GEMM family (``Recipe.gemm_family()``, one of
+    ``recipes.config.GEMM_FAMILIES``): an MXFP8 recipe names ``fp8``, NVFP4 and MXFP4 ``fp4``.
 
     None where the device has no rate for it (Hopper fp4/fp6, A100 fp8) or for
-    fp32 (no FP32 tensor-core peak in the table). An emulated recipe's GEMMs
-    run in BF16: pass ``"bf16"`` for it.
+    fp32 (no FP32 tensor-core peak in the table).
     """
     key = format_family.lower()
-    if key not in FORMAT_FAMILY_DTYPE:
-        raise ValueError(f"unknown format family {format_family!r}; valid: {', '.join(FORMAT_FAMILY_DTYPE)}")
-    dtype = FORMAT_FAMILY_DTYPE[key]
-    return None if dtype is None else peak_tflops(device_name, dtype)
+    if key not in GEMM_FAMILIES:
+        raise ValueError(f"unknown GEMM family {format_family!r}; valid: {', '.join(GEMM_FAMILIES)}")
+    return None if key == "fp32" else peak_tflops(device_name, key)
 
 
 def mfu(tflops: float, peak: float | None) -> float | None:

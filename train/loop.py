@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from recipes.base import Recipe, get_recipe
+from recipes.numerics import get_spec
 from train import dist as lbdist
 from train.config import RunConfig
 from train.data import BatchSchedule, TokenData, eval_indices, order_fingerprint, prepare_data
@@ -27,10 +28,9 @@ from train.envinfo import environment
 from train.loggers import MultiLogger, build_loggers
 from train.metrics import grad_global_norm, weights_fingerprint
 from train.model import build_model, count_params
-from train.numstats import get_spec
 from train.perf import PerfMeter
 from train.preempt import PreemptionGuard
-from train.stats import GradStatsCollector, grad_spec_for, weight_metrics
+from train.stats import GradStatsCollector, weight_metrics
 from train.validate import Plan
 
 CHECKPOINT_DIR = "checkpoints"
@@ -101,7 +101,13 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     engine = build_engine(model, cfg, plan)
     reference = build_reference(cfg, plan, ref_model)
 
-    perf = PerfMeter.build(cfg, vocab_size=vocab, world_size=plan.world_size, device=plan.device)
+    perf = PerfMeter.build(
+        cfg,
+        gemm_family=recipe.gemm_family(),
+        vocab_size=vocab,
+        world_size=plan.world_size,
+        device=plan.device,
+    )
     start_step = maybe_resume(engine, cfg, run_dir, denv, recipe)
     if isinstance(reference, LockstepReference) and start_step:
         reference.engine.load_checkpoint(str(run_dir / REFERENCE_CHECKPOINT_DIR))
@@ -141,7 +147,7 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
         collector = GradStatsCollector(
             engine.module,
             [n.removesuffix(".weight") for n in stat_params],
-            spec=grad_spec_for(cfg.recipe),
+            spec=recipe.grad_format(),
             shadow={f: get_spec(f) for f in cfg.stats.shadow_formats},
             world_size=plan.world_size,
         )

@@ -19,26 +19,6 @@ import torch
 from train.flops import achieved_tflops, device_peak_for_format, flops_per_token, mfu, peak_tflops
 
 
-def format_family(recipe_cfg: Any) -> str:
-    """The GEMM format family a recipe's forward runs in, for the peak table."""
-    quantizer = getattr(recipe_cfg, "quantizer", "none")
-    if quantizer in (None, "none"):
-        return recipe_cfg.precision
-    if quantizer == "nvfp4":
-        return "nvfp4"
-    if quantizer.startswith("fp8"):
-        return "fp8"
-    fmt = getattr(recipe_cfg, "input_format", None) or ""
-    return {
-        "fp8_e4m3": "mxfp8",
-        "fp8_e5m2": "mxfp8",
-        "fp6_e3m2": "mxfp6",
-        "fp6_e2m3": "mxfp6",
-        "fp4_e2m1": "mxfp4",
-        "int8": "mxint8",
-    }.get(fmt, recipe_cfg.precision)
-
-
 @dataclass
 class PerfMeter:
     flops_per_token: float
@@ -49,13 +29,10 @@ class PerfMeter:
     peak_format: float | None
 
     @classmethod
-    def build(cls, cfg: Any, *, vocab_size: int, world_size: int, device: str) -> PerfMeter:
+    def build(cls, cfg: Any, *, gemm_family: str, vocab_size: int, world_size: int, device: str) -> PerfMeter:
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         peak_bf16 = peak_tflops(name, "bf16")
-        try:
-            peak_fmt = device_peak_for_format(name, format_family(cfg.recipe))
-        except (KeyError, ValueError):
-            peak_fmt = None
+        peak_fmt = device_peak_for_format(name, gemm_family)
         if cfg.stats.peak_tflops > 0:
             peak_bf16 = peak_fmt = cfg.stats.peak_tflops
         return cls(

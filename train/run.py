@@ -27,9 +27,10 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from recipes.errors import ConfigError  # noqa: E402
 from train.cli import config_error_exit, preflight, register_resolvers, strip_launcher_args  # noqa: E402
 from train.config import register_configs, to_run_config  # noqa: E402
-from train.validate import ConfigError, validate  # noqa: E402
+from train.validate import validate  # noqa: E402
 
 CONF_DIR = str(ROOT / "conf")
 

@@ -1,7 +1,7 @@
 """Per-layer numerics statistics on stat steps (``stats.every``): the thin collector.
 
 What it measures, per stat layer (the recipe's converted Linear layers, or every
-Linear when it converts none), with the pure functions of ``train/numstats.py``:
+Linear when it converts none), with the pure functions of ``recipes/numerics.py``:
 
 * ``grad/<layer>/...`` the layer's *output gradient* dY, the operand the recipe
   quantizes in both backward GEMMs: ``norm``, ``absmax``, ``zero_frac``,
@@ -28,40 +28,13 @@ one host sync when the step's values are logged.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.numstats import REDUCE_OPS, FormatSpec, get_spec, stats_from_sums, tensor_sums
-
-_FP8_GRAD = {"HYBRID": "fp8_e5m2", "E4M3": "fp8_e4m3"}
-
-
-def grad_spec_for(recipe_cfg: Any) -> FormatSpec | None:
-    """The format the recipe quantizes dY to, as a numstats spec (None: not quantized).
-
-    MX and NVFP4 recipes map exactly (format, block size, scale rule). FP8 recipes
-    (delayed, current, rowwise, block) map to the dY element format with per-tensor
-    *current* scaling: exact for ``fp8_current``, an approximation for the others
-    (delayed scales lag the amax; rowwise/block scales are finer)."""
-    quantizer = getattr(recipe_cfg, "quantizer", "none")
-    fmt = getattr(recipe_cfg, "grad_output_format", None)
-    if quantizer in (None, "none") or (quantizer == "mx" and not fmt):
-        return None
-    if quantizer == "mx":
-        name = "mxint8" if fmt == "int8" else f"mx{fmt}"
-        spec = get_spec(name)
-        return replace(
-            spec, block_size=recipe_cfg.block_size or spec.block_size, scale_rule=recipe_cfg.scale_rule
-        )
-    if quantizer == "nvfp4":
-        return get_spec("nvfp4")
-    if quantizer.startswith("fp8"):
-        return get_spec(_FP8_GRAD.get(str(getattr(recipe_cfg, "fp8_format", "HYBRID")).upper(), "fp8_e5m2"))
-    return None
+from recipes.numerics import REDUCE_OPS, FormatSpec, stats_from_sums, tensor_sums
 
 
 def _merge(acc: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,17 +12,9 @@ from dataclasses import dataclass
 
 from recipes.base import known_recipes
 from recipes.config import BACKENDS, PRECISIONS
+from recipes.errors import ConfigError
 from train.config import RunConfig
-from train.data import DataError, source_files
-
-
-class ConfigError(ValueError):
-    def __init__(self, key: str, value: object, fix: str):
-        super().__init__(f"{key}={value}: {fix}")
-        self.key, self.value, self.fix = key, value, fix
-
-    def one_line(self) -> str:
-        return f"lowbit: config error: {self.key}={self.value}: {self.fix}"
+from train.data import source_files
 
 
 @dataclass(frozen=True)
@@ -53,16 +45,13 @@ def check_recipe_on_model(cfg: RunConfig) -> None:
     """Let the recipe inspect the model's layers (on the meta device: free)."""
     import torch
 
-    from recipes.base import RecipeConfigError, get_recipe
+    from recipes.base import get_recipe
     from train.model import GPT
 
     vocab = cfg.model.vocab_size or (256 if cfg.data.tokenizer == "bytes" else cfg.data.bpe_vocab_size)
     with torch.device("meta"):
         model = GPT(cfg.model, vocab_size=vocab)
-    try:
-        get_recipe(cfg.recipe).check(model)
-    except RecipeConfigError as e:
-        raise ConfigError(e.key, e.value, e.fix) from None
+    get_recipe(cfg.recipe).check(model)
 
 
 def check_reference(cfg: RunConfig) -> None:
@@ -147,7 +136,7 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
     if t.resume not in ("none", "auto") and not os.path.isdir(t.resume):
         raise ConfigError("trainer.resume", t.resume, "use none, auto, or an existing checkpoint directory")
     _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
-    from train.numstats import FORMAT_SPECS
+    from recipes.numerics import FORMAT_SPECS
 
     for fmt in cfg.stats.shadow_formats:
         _one_of("stats.shadow_formats", fmt, sorted(FORMAT_SPECS))
@@ -185,10 +174,7 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
     check_recipe_on_model(cfg)
     check_reference(cfg)
     # data (cheap checks only: files exist, corpus installed)
-    try:
-        source_files(cfg.data)
-    except DataError as e:
-        raise ConfigError(e.key, e.value, e.fix) from None
+    source_files(cfg.data)
     _one_of("data.tokenizer", cfg.data.tokenizer, ("bytes", "bpe"))
     if not 0 < cfg.data.val_fraction < 0.5:
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "must be in (0, 0.5)")

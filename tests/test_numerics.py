@@ -1,4 +1,4 @@
-"""train.numstats on hand-built tensors with exact, hand-counted answers, plus edge cases."""
+"""recipes.numerics on hand-built tensors with exact, hand-counted answers, plus edge cases."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from recipes.fp8 import quantize_fp8_current
 from recipes.mx import quantize_mx, quantize_nvfp4
-from train.numstats import (
+from recipes.numerics import (
     FORMAT_SPECS,
     REDUCE_OPS,
     FormatSpec,

@@ -34,7 +34,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from recipes.base import get_recipe  # noqa: E402
 from recipes.emulated import EMULATED_RECIPES  # noqa: E402
-from train import dist as lbdist  # noqa: E402
+from train import distenv  # noqa: E402
 from train.cli import register_resolvers  # noqa: E402
 from train.config import RunConfig, register_configs, to_run_config  # noqa: E402
 from train.engine import build_engine, init_distributed  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
     register_resolvers()
     common = [f"model={args.model}", f"trainer.global_batch_size={args.batch}", "trainer.max_steps=1000000",
               "logger=none", "trainer.device=cpu"]  # fmt: skip
-    lbdist.export(lbdist.detect())
+    distenv.export(distenv.detect())
     init_distributed("cpu")
 
     contenders = [Contender("bf16", "bf16", [], common)]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train.divergence import (
+from train.telemetry.divergence import (
     DivergenceTracker,
     cosine,
     is_spike,

@@ -12,8 +12,7 @@ from recipes.errors import ConfigError
 from train.config import DataConfig, ModelConfig
 from train.data import BatchSchedule, eval_indices, prepare_data, source_files, split_sequences
 from train.engine import lr_lambda
-from train.metrics import weights_fingerprint
-from train.model import build_model, count_params, ffn_width
+from train.model import build_model, count_params, weights_fingerprint
 
 
 @pytest.mark.parametrize(
@@ -37,7 +36,7 @@ def test_tiny_shape_and_linear_names():
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert names[:4] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj"]
     assert names[-1] == "lm_head" and len(names) == 9
-    assert ffn_width(ModelConfig()) == 512
+    assert ModelConfig().ffn_dim == 512
     assert count_params(model) == 475_776
 
 

@@ -166,7 +166,7 @@ def test_hydra_submitit_sweep_2x2_writes_sweep_index(slurm_env, tmp_path):
     assert len(combos) == 4
     groups = set()
     for job in index["jobs"]:
-        from train.wandb_offline import find_run_files, read_run
+        from tests.wandb_offline import find_run_files, read_run
 
         groups.add(read_run(find_run_files(job["run_dir"])[0])["run"]["group"])
     assert groups == {sweep.name}

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from train.wandb_offline import find_run_files, read_run
+from tests.wandb_offline import find_run_files, read_run
 
 from .conftest import run_lowbit
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from train.wandb_offline import find_run_files, read_run
+from tests.wandb_offline import find_run_files, read_run
 
 from .conftest import ROOT, RunResult, read_jsonl, run_lowbit
 from .golden import OTHER_MACHINE_LOSS_ATOL, same_machine
@@ -214,7 +214,7 @@ def test_runs_under_the_deepspeed_launcher(runs, tmp_path):
             "--num_gpus",
             "2",
             "--master_port",
-            str(__import__("train.dist").dist.free_port()),
+            str(__import__("train.distenv").distenv.free_port()),
         ],
     )
     assert res.run_config["resolved"]["world_size"] == 2

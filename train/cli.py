@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -129,11 +130,34 @@ def compose(overrides: list[str], *, conf_dir: str | Path = CONF_DIR) -> RunConf
 
 def preflight(argv: list[str], *, conf_dir: str | Path = CONF_DIR) -> None:
     """Compose the config once before Hydra's own run, so mistakes in the command
-    line become one-line ConfigErrors instead of tracebacks."""
+    line become one-line ConfigErrors instead of tracebacks. With Hydra's ``--config-dir DIR``
+    (a copy of conf/ with added presets) the checks use DIR."""
     if any(a in _HYDRA_FLAGS_WITHOUT_COMPOSE or a.startswith("--cfg") or a == "-c" for a in argv):
         return
-    overrides = [a for a in argv if not a.startswith("-")]
+    overrides, flag = [], None
+    for a in argv:
+        if flag in ("--config-dir", "-cd"):
+            conf_dir = a
+        elif a.startswith("--config-dir="):
+            conf_dir = a.split("=", 1)[1]
+        elif not a.startswith("-") and flag not in ("--config-path", "-cp", "--config-name", "-cn"):
+            overrides.append(a)
+        flag = a
     check_group_choices(overrides, conf_dir=str(conf_dir))
     if any(a in ("-m", "--multirun") for a in argv):
         return
     compose(overrides, conf_dir=conf_dir)
+
+
+def tool_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, RunConfig]:
+    """The convention of every ``python -m train.<tool>``: the tool's own flags first
+    (``parser``), then Hydra overrides for the same config tree as ``train/run.py``.
+    A mistake in either prints one line, ``lowbit: config error: ...``, and exits 2."""
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train/run.py")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args, compose(args.overrides)
+    except ConfigError as e:
+        config_error_exit(e)

@@ -9,7 +9,8 @@ below it never sees a DictConfig.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -20,7 +21,11 @@ from recipes.config import RecipeConfig
 
 @dataclass
 class ModelConfig:
-    """A GPT-style pre-norm decoder. Derived fields are computed in ``__post_init__``."""
+    """A GPT-style pre-norm decoder.
+
+    The vocabulary comes from the tokenizer, so it cannot be derived here: set-up calls
+    :meth:`resolve` once with it. ``head_dim`` and ``ffn_dim`` are derived from the fields.
+    """
 
     name: str = "tiny"
     n_layers: int = 2
@@ -42,6 +47,22 @@ class ModelConfig:
     init_std: float = 0.02
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+
+    def resolve(self, tokenizer_vocab_size: int) -> ModelConfig:
+        """This config with ``vocab_size`` fixed: the configured one, or the tokenizer's."""
+        return replace(self, vocab_size=self.vocab_size or tokenizer_vocab_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """FFN hidden width. SwiGLU uses 2/3 of ffn_mult*D (same parameter count), rounded up to 64."""
+        width = self.ffn_mult * self.d_model
+        if self.mlp == "swiglu":
+            return int(64 * math.ceil(2 * width / 3 / 64))
+        return int(width)
 
 
 @dataclass

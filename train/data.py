@@ -24,6 +24,7 @@ import glob
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,3 +292,35 @@ def eval_indices(data: TokenData, *, num_sequences: int) -> np.ndarray:
     """A fixed, evenly spread subset of the validation sequences."""
     n = min(num_sequences, len(data.val_idx))
     return data.val_idx[np.unique(np.linspace(0, len(data.val_idx) - 1, n).round().astype(np.int64))]
+
+
+@dataclass
+class BatchFeed:
+    """This rank's micro-batches of each optimizer step, on the device. It times its own
+    fetch (``fetch_time_s``, the last call's), so the step loop has no timing code."""
+
+    data: TokenData
+    schedule: BatchSchedule
+    rank: int
+    world_size: int
+    micro_batch_size: int
+    device: torch.device | str
+    fetch_time_s: float = 0.0
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        start = time.perf_counter()
+        idx = self.schedule.micro_batches(
+            step, rank=self.rank, world_size=self.world_size, micro_batch_size=self.micro_batch_size
+        )
+        out = []
+        for i in idx:
+            x, y = self.data.sequences(self.data.train_idx[i])
+            out.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
+        self.fetch_time_s = time.perf_counter() - start
+        return out
+
+
+def nominal_vocab_size(cfg: DataConfig) -> int:
+    """The vocabulary a data config asks for, without building the tokenizer (validation, benches);
+    set-up uses the tokenizer's own (``TokenData.vocab_size``)."""
+    return 256 if cfg.tokenizer == "bytes" else cfg.bpe_vocab_size

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from train import dist as lbdist
+from train import distenv
 from train.config import RunConfig
 from train.validate import Plan
 
@@ -36,7 +36,7 @@ def worker_entry(cfg: RunConfig, plan: Plan, run_dir: str) -> dict[str, Any]:
 
 
 def launch(cfg: RunConfig, plan: Plan, run_dir: Path) -> dict[str, Any]:
-    denv = lbdist.detect()
+    denv = distenv.detect()
     nproc = cfg.launcher.nproc_per_node
     if denv.world_size > 1 or nproc == 1:
         from train.loop import run_training
@@ -56,7 +56,7 @@ def launch_local_workers(cfg: RunConfig, plan: Plan, run_dir: Path, *, nproc: in
     from train.data import prepare_data
 
     prepare_data(cfg.data, seq_len=cfg.model.seq_len)  # once, here; workers then read the cache
-    port = lbdist.free_port()
+    port = distenv.free_port()
     lc = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -72,7 +72,7 @@ def launch_local_workers(cfg: RunConfig, plan: Plan, run_dir: Path, *, nproc: in
     os.environ["LOWBIT_LAUNCHER"] = "lowbit"
     os.environ.setdefault(
         "OMP_NUM_THREADS",
-        str(lbdist.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=nproc)),
+        str(distenv.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=nproc)),
     )
     try:
         results = elastic_launch(lc, worker_entry)(cfg, plan, str(run_dir))

@@ -15,6 +15,7 @@ Shape legend: B batch, T sequence, D d_model, H heads, K head dim, V vocab, F FF
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -23,15 +24,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
-
-
-def ffn_width(cfg: ModelConfig) -> int:
-    """FFN hidden width. SwiGLU uses 2/3 of ffn_mult*D (same parameter count), rounded to 64."""
-    width = cfg.ffn_mult * cfg.d_model
-    if cfg.mlp == "swiglu":
-        width = 2 * width / 3
-        return int(64 * math.ceil(width / 64))
-    return int(width)
 
 
 class RMSNorm(nn.Module):
@@ -75,7 +67,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.core = CausalAttentionCore()
@@ -99,7 +91,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        width = ffn_width(cfg)
+        width = cfg.ffn_dim
         self.swiglu = cfg.mlp == "swiglu"
         self.fc = nn.Linear(cfg.d_model, 2 * width if self.swiglu else width, bias=cfg.bias)
         self.proj = nn.Linear(width, cfg.d_model, bias=cfg.bias)
@@ -128,8 +120,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int | None = None):
+        """``vocab_size``: None takes ``cfg.vocab_size`` (a config from ``ModelConfig.resolve``)."""
         super().__init__()
+        vocab_size = vocab_size or cfg.vocab_size
+        if not vocab_size:
+            raise ValueError("GPT needs a vocabulary size: pass vocab_size or a resolved ModelConfig")
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.activation_checkpointing = False
@@ -179,11 +175,24 @@ def init_weights(model: GPT, *, seed: int) -> None:
                 mod.bias.zero_()
 
 
-def build_model(cfg: ModelConfig, *, vocab_size: int, seed: int) -> GPT:
+def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, seed: int) -> GPT:
     """The FP32 model with its seed-determined initial weights, on CPU."""
     model = GPT(cfg, vocab_size=vocab_size)
     init_weights(model, seed=seed)
     return model
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter's FP32 bytes in name order (shared tensors once)."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        h.update(name.encode())
+        h.update(p.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def count_params(model: nn.Module, *, non_embedding: bool = False) -> int:

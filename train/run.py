@@ -37,7 +37,7 @@ CONF_DIR = str(ROOT / "conf")
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
-    from train import dist as lbdist
+    from train import distenv
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -45,7 +45,7 @@ def main(dcfg: DictConfig) -> None:
         cfg = to_run_config(dcfg)
         if hc.mode == RunMode.MULTIRUN and cfg.logger.wandb.group is None:
             cfg.logger.wandb.group = Path(hc.sweep.dir).name  # one W&B group per sweep
-        denv = lbdist.detect()
+        denv = distenv.detect()
         world = denv.world_size if denv.world_size > 1 else cfg.launcher.nproc_per_node
         plan = validate(cfg, world_size=world)
     except ConfigError as e:

@@ -57,7 +57,7 @@ def check_recipe_on_model(cfg: RunConfig) -> None:
 def check_reference(cfg: RunConfig) -> None:
     from dataclasses import asdict
 
-    from train.divergence import load_reference_run, reference_mismatch
+    from train.telemetry.divergence import load_reference_run, reference_mismatch
 
     ref = cfg.reference
     _one_of("reference.mode", ref.mode, ("none", "lockstep"))

@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,20 @@ def threads_per_rank(*, configured: int, local_world_size: int) -> int:
         return configured
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(local_world_size, 1))
+
+
+def log0(denv: DistEnv, msg: str) -> None:
+    """``lowbit: msg`` on global rank 0 only."""
+    if denv.is_main:
+        print(f"lowbit: {msg}", flush=True)
+
+
+def mean_across_ranks(x: Any, *, world_size: int) -> float:
+    """The mean of a scalar tensor over all ranks (one all-reduce and one host sync)."""
+    import torch.distributed as dist
+
+    x = x.detach().float().clone()
+    if world_size > 1:
+        dist.all_reduce(x)
+        x /= world_size
+    return x.item()

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from train.distenv import mean_across_ranks
+
 # ---------------------------------------------------------------- pure functions
 
 
@@ -234,13 +236,8 @@ class LockstepReference:
         self.losses = []
 
     def step_loss(self, step: int) -> float | None:
-        import torch.distributed as dist
-
-        x = self._last_mean.detach().clone()
-        if self.world_size > 1:
-            dist.all_reduce(x)
-            x /= self.world_size
-        return x.item()
+        assert self._last_mean is not None, "end_step() first"
+        return mean_across_ranks(self._last_mean, world_size=self.world_size)
 
     def layer_metrics(
         self, main_engine: Any, main_grads: dict[str, torch.Tensor], names: list[str]

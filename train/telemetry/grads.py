@@ -175,3 +175,11 @@ def weight_metrics(
     if not vals:
         return {}
     return dict(zip(vals, torch.stack(list(vals.values())).tolist()))
+
+
+def grad_global_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all gradients, in FP32, without a host sync."""
+    grads = [p.grad.float() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

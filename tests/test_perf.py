@@ -1,4 +1,4 @@
-"""train.flops: FLOP counts against hand arithmetic and the real model, peak lookup, MFU."""
+"""train.telemetry.perf: FLOP counts against hand arithmetic and the real model, peak lookup, MFU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from torch import nn
 
 from recipes.config import GEMM_FAMILIES
 from train.config import ModelConfig
-from train.flops import (
+from train.model import GPT
+from train.telemetry.perf import (
     PEAK_TFLOPS,
     achieved_tflops,
     device_peak_for_format,
@@ -20,7 +21,6 @@ from train.flops import (
     mfu,
     peak_tflops,
 )
-from train.model import GPT
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 

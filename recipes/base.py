@@ -3,8 +3,9 @@
 A recipe is a small object built from a ``RecipeConfig``:
 
 * ``precision``       the DeepSpeed engine precision (fp32 / bf16 / fp16);
-* ``resolve_backend`` turns ``backend=auto`` into a concrete backend for the
-  device, loudly, so the run config records what actually ran;
+* ``resolve(device)`` turns ``backend=auto`` (and other device-dependent
+  settings) into concrete values for the device, loudly, so the run config
+  records what actually ran;
 * ``convert(model)``  swaps the modules it quantizes and reports what it did;
 * ``forward_context`` wraps each forward pass (e.g. an FP8 autocast);
 * ``grad_format`` / ``gemm_family`` answer what the trainer would otherwise guess
@@ -14,21 +15,32 @@ A recipe is a small object built from a ``RecipeConfig``:
 * ``state_dict`` / ``load_state_dict`` carry that state through checkpoints;
 * ``describe()``      a dict for the run config and W&B.
 
-Adding a recipe is one module that calls ``register_recipe`` plus one YAML in
-``conf/recipe/``.
+Registry: recipes register by *kind*, the ``recipe.quantizer`` value
+(``@register_recipe("my_kind")`` on the class); ``recipe.name`` is a label only.
+``get_recipe(cfg)`` looks ``cfg.quantizer`` up, after importing ``cfg.module`` if
+set; a kind still unknown loads the ``lowbit.recipes`` entry points (once) and
+looks again. An unknown kind is a ``ConfigError`` on ``recipe.quantizer``. The
+built-in kinds register when the package is imported (``recipes/__init__.py``
+imports their modules; this module imports none of them).
+
+Adding a recipe kind is one module that calls ``register_recipe`` plus one YAML
+in ``conf/recipe/``; a new preset of an existing kind is the YAML alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.metadata
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from torch import nn
 
 from recipes.config import RecipeConfig
+from recipes.errors import ConfigError
 
 if TYPE_CHECKING:
     from recipes.numerics import FormatSpec
@@ -40,6 +52,8 @@ class ConversionReport:
 
     converted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    #: why a kept layer was kept, where a filter decided it ("skip regex 'lm_head'", "first 1 blocks")
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         total = len(self.converted) + len(self.kept)
@@ -72,8 +86,15 @@ class Recipe:
         """Backends usable on ``device`` ("cpu" or "cuda"); subclasses narrow this."""
         return self.backends
 
+    def resolve(self, device: str) -> str | None:
+        """Settle the device-dependent settings for ``device`` ("cpu" or "cuda") once: sets
+        ``self.backend`` and returns the note to print (None when nothing was ``auto``)."""
+        self.backend, note = self.resolve_backend(device)
+        return note
+
     def resolve_backend(self, device: str) -> tuple[str, str | None]:
-        """Return (backend, note). ``note`` explains an ``auto`` resolution."""
+        """Return (backend, note). ``note`` explains an ``auto`` resolution. Prefer :meth:`resolve`,
+        which also records the answer on the recipe."""
         usable = self.available_backends(device)
         if self.cfg.backend != "auto":
             return self.cfg.backend, None
@@ -138,42 +159,107 @@ class Recipe:
             "conversion": self.report.summary(),
             "converted": list(self.report.converted),
             "kept": list(self.report.kept),
+            "kept_reasons": dict(self.report.reasons),
         }
 
 
+#: recipe kind (``recipe.quantizer``) -> the class that serves it
 RECIPES: dict[str, type[Recipe]] = {}
+#: entry-point group of recipe kinds from other distributions: ``my_kind = my_pkg.recipes:MyRecipe``
+#: (name = the kind; the value is imported, and registered under that name if it did not
+#: call ``register_recipe`` itself)
+ENTRY_POINT_GROUP = "lowbit.recipes"
+#: kind -> why its entry point failed to load; None until the entry points are loaded (once)
+_entry_point_errors: dict[str, str] | None = None
+
+R = TypeVar("R", bound=type[Recipe])
 
 
-def register_recipe(*names: str) -> Callable[[type[Recipe]], type[Recipe]]:
-    def deco(cls: type[Recipe]) -> type[Recipe]:
-        for n in names:
-            if n in RECIPES:
-                raise KeyError(f"recipe {n!r} registered twice")
-            RECIPES[n] = cls
+def register_recipe(*kinds: str) -> Callable[[R], R]:
+    """Class decorator: the class serves ``recipe.quantizer`` = each of ``kinds``."""
+    if not kinds:
+        raise TypeError("register_recipe needs at least one kind (a recipe.quantizer value)")
+
+    def deco(cls: R) -> R:
+        for kind in kinds:
+            if kind in RECIPES and RECIPES[kind] is not cls:
+                raise KeyError(
+                    f"recipe kind {kind!r} registered twice: {RECIPES[kind].__qualname__} and {cls.__qualname__}"
+                )
+            RECIPES[kind] = cls
         return cls
 
     return deco
 
 
-def get_recipe(cfg: RecipeConfig) -> Recipe:
-    _load_builtin_recipes()
-    try:
-        cls = RECIPES[cfg.name]
-    except KeyError:
-        raise KeyError(f"unknown recipe {cfg.name!r}; known: {', '.join(sorted(RECIPES))}") from None
-    return cls(cfg)
+def unregister_recipe(*kinds: str) -> None:
+    """Forget ``kinds`` (tests, plug-in development); an unknown kind is ignored."""
+    for kind in kinds:
+        RECIPES.pop(kind, None)
 
 
-def known_recipes() -> list[str]:
-    _load_builtin_recipes()
+def known_kinds() -> list[str]:
+    """Every registered kind, built-in and plug-in (loads the entry points, once)."""
+    _load_entry_points()
     return sorted(RECIPES)
 
 
-def _load_builtin_recipes() -> None:
-    # Importing a recipe module registers it. Keep this list the only place that
-    # names the built-in modules.
-    import recipes.emulated  # noqa: F401
-    import recipes.precision  # noqa: F401
+def import_recipe_module(module: str) -> None:
+    """Import ``recipe.module`` (it registers its kinds); an import failure is a ConfigError."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(
+            "recipe.module",
+            module,
+            f"cannot import it ({type(e).__name__}: {e}); put its package on PYTHONPATH or install it",
+        ) from e
+
+
+def recipe_class(kind: str, *, module: str | None = None) -> type[Recipe]:
+    """The class registered for ``kind``: after importing ``module`` (if given) and, for a kind
+    still unknown, the ``lowbit.recipes`` entry points. ConfigError on ``recipe.quantizer`` if none."""
+    if module:
+        import_recipe_module(module)
+    if kind not in RECIPES:
+        _load_entry_points()
+    if kind in RECIPES:
+        return RECIPES[kind]
+    fix = f"use one of: {', '.join(sorted(RECIPES))}"
+    if module:
+        fix += f" (recipe.module={module} was imported but registered no kind {kind!r})"
+    if kind in (errors := _entry_point_errors or {}):
+        fix += f" (its {ENTRY_POINT_GROUP} entry point failed to load: {errors[kind]})"
+    raise ConfigError("recipe.quantizer", kind, fix)
+
+
+def get_recipe(cfg: RecipeConfig) -> Recipe:
+    """The recipe object for ``cfg``, its class chosen by ``cfg.quantizer`` (see the module docstring)."""
+    return recipe_class(cfg.quantizer, module=cfg.module)(cfg)
+
+
+def _load_entry_points() -> None:
+    """Import every ``lowbit.recipes`` entry point not registered yet, once per process. A broken
+    plug-in is remembered, not raised: it fails the lookup of its own kind only."""
+    global _entry_point_errors
+    if _entry_point_errors is not None:
+        return
+    errors: dict[str, str] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in RECIPES:
+            continue
+        try:
+            obj = ep.load()
+        except Exception as e:  # a third-party module: any failure, kept for its kind's error
+            errors[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+            continue
+        if ep.name in RECIPES:
+            continue
+        if isinstance(obj, type) and issubclass(obj, Recipe):
+            register_recipe(ep.name)(obj)
+        else:
+            errors[ep.name] = f"{ep.value} registered no kind {ep.name!r} and is not a Recipe class"
+    _entry_point_errors = errors
 
 
 def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:

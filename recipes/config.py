@@ -1,38 +1,44 @@
 """The one recipe schema.
 
-Every ``conf/recipe/*.yaml`` fills this dataclass completely, so a
-``+recipe=NAME`` merge over the inline BF16 default never inherits a stray
-BF16 value. Fields a recipe does not use keep their neutral defaults.
+A ``conf/recipe/*.yaml`` preset sets values of this dataclass; fields a recipe
+does not use keep their neutral defaults.
 
 Field groups: the engine (``name``, ``backend``, ``precision``, fp16 loss
-scaling); which GEMM operand goes to which format (``quantizer`` and the
+scaling); the recipe kind (``quantizer``, the registry key, and ``module`` for
+kinds defined outside lowbit); which GEMM operand goes to which format (the
 ``*_format`` roles); how blocks and scales are formed (``block_size``,
 ``rounding``, ``scale_rule``, the FP8 scaling fields); which layers convert
 (``skip_modules``, ``keep_*_blocks``, ``quantize_attention``); and ``compile``.
-The numerics of each quantizer are stated in ``recipes.emulated``.
+The numerics of each quantizer are stated in ``recipes.quantized``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "native", "emulated", "te", "torch")
-#: ``recipe.quantizer`` values: how a quantized operand gets its scales
-QUANTIZERS = ("none", "mx", "nvfp4", "fp8_delayed", "fp8_current", "fp8_rowwise", "fp8_block")
 #: tensor-core rate classes a recipe's GEMMs run at (``Recipe.gemm_family``); the device peak
 #: tables of ``train.telemetry.perf`` are keyed by these (fp32: no tensor-core peak)
 GEMM_FAMILIES = ("fp32", "bf16", "fp16", "fp8", "fp6", "fp4", "int8")
+#: element format (``recipe.*_format``) -> the tensor-core rate class it runs at
+ELEMENT_GEMM_FAMILY = {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "fp6_e3m2": "fp6", "fp6_e2m3": "fp6",
+                       "fp4_e2m1": "fp4", "int8": "int8"}  # fmt: skip
 #: value of ``weight_dgrad_format`` / ``input_wgrad_format`` / ``grad_rounding``
 #: meaning "as the forward role" (``weight_format`` / ``input_format`` / ``rounding``)
 SAME = "same"
+#: the fields naming a GEMM operand's format (``null``: that operand stays in high precision)
+ROLE_FORMAT_FIELDS = ("input_format", "weight_format", "grad_output_format", "weight_dgrad_format",
+                      "input_wgrad_format")  # fmt: skip
 
 
 @dataclass
 class RecipeConfig:
     name: str = "bf16"
-    """Registry key of the recipe (``recipes.base.RECIPES``)."""
+    """A label: the preset's name, printed and recorded with the run. No code looks it up or
+    branches on it; the recipe class is chosen by ``quantizer``."""
     backend: str = "auto"
     """auto | native | emulated | te | torch. ``auto`` resolves to the fastest
     backend the hardware has; the resolved value is printed and recorded."""
@@ -47,9 +53,15 @@ class RecipeConfig:
     hysteresis: int = 2
     min_loss_scale: float = 1.0
 
-    # ---- quantized GEMM operands (emulated recipes; "none" = nothing quantized)
+    # ---- the recipe kind, and the quantized GEMM operands ("none" = nothing quantized)
     quantizer: str = "none"
-    """none | mx | nvfp4 | fp8_delayed | fp8_current | fp8_rowwise | fp8_block."""
+    """The recipe kind, the registry key (``recipes.base.get_recipe``): how a quantized operand
+    gets its scales. Built in: none (plain precision, ``recipes.plain``) | mx | nvfp4 |
+    fp8_delayed | fp8_current | fp8_rowwise | fp8_block (``recipes.quantized``). The registry
+    is the authority (``recipes.base.known_kinds()``): a plug-in may add kinds."""
+    module: Optional[str] = None
+    """A module to import before the kind is looked up; it calls ``register_recipe`` (a recipe
+    kind defined outside lowbit). Kinds can also come from the ``lowbit.recipes`` entry points."""
     input_format: Optional[str] = None
     """Forward activation x (blocks along K). Element format name (fp8_e4m3,
     fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, int8); null = high precision."""
@@ -97,3 +109,14 @@ class RecipeConfig:
     """Also quantize the attention matmuls QK^T and PV (input/grad formats)."""
     compile: str = "auto"
     """torch.compile the quantizers: auto (on for CUDA only) | true | false. Same bits."""
+
+
+def resolve_same(cfg: RecipeConfig) -> RecipeConfig:
+    """``cfg`` with every ``same`` resolved: the dgrad / wgrad copies' formats to the forward
+    role's, ``grad_rounding`` to ``rounding``. The one place the sentinel is read."""
+    return dataclasses.replace(
+        cfg,
+        weight_dgrad_format=cfg.weight_format if cfg.weight_dgrad_format == SAME else cfg.weight_dgrad_format,
+        input_wgrad_format=cfg.input_format if cfg.input_wgrad_format == SAME else cfg.input_wgrad_format,
+        grad_rounding=cfg.rounding if cfg.grad_rounding == SAME else cfg.grad_rounding,
+    )

@@ -202,17 +202,6 @@ def get_spec(spec: str | FormatSpec) -> FormatSpec:
         raise ValueError(f"unknown format {spec!r}; valid names: {', '.join(FORMAT_SPECS)}") from None
 
 
-#: element format -> the tensor-core rate class it runs at (``recipes.config.GEMM_FAMILIES``)
-ELEMENT_GEMM_FAMILY: dict[str, str] = {
-    "fp8_e4m3": "fp8",
-    "fp8_e5m2": "fp8",
-    "fp6_e3m2": "fp6",
-    "fp6_e2m3": "fp6",
-    "fp4_e2m1": "fp4",
-    "int8": "int8",
-}
-
-
 def mx_format_name(elem: str) -> str:
     """The statistics name of an MX element format: ``fp8_e4m3`` -> ``mxfp8_e4m3``, ``int8`` -> ``mxint8``."""
     return f"mx{elem}"

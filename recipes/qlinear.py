@@ -45,7 +45,6 @@ untouched: this module only changes the values entering each GEMM.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recipes.quantizers import RoleQuantizer, recompile_headroom
+from recipes import compiling
+from recipes.quantizers import RoleQuantizer
 
 __all__ = ["LinearQuantizers", "MatmulQuantizers", "QuantLinear", "quant_linear", "quant_matmul"]
 
@@ -140,17 +140,9 @@ def _backward_body(x, weight, grad_y, qs: LinearQuantizers, training: bool, need
     return dx, dw, g32
 
 
-@functools.cache
-def _compiled_bodies() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    return torch.compile(_forward_body, dynamic=False), torch.compile(_backward_body, dynamic=False)
-
-
-def _run(body: int, qs: LinearQuantizers, *args: Any) -> Any:
-    """Call the forward (0) or backward (1) body, compiled when ``qs.compile`` and ``qs.pure``."""
-    if not (qs.compile and qs.pure):
-        return (_forward_body, _backward_body)[body](*args)
-    with recompile_headroom():
-        return _compiled_bodies()[body](*args)
+def _run(body: Callable[..., Any], qs: LinearQuantizers, *args: Any) -> Any:
+    """Call the forward or backward body, compiled when ``qs.compile`` and ``qs.pure``."""
+    return compiling.call(body, qs.compile and qs.pure, *args)
 
 
 class _QuantLinearFn(torch.autograd.Function):
@@ -158,13 +150,13 @@ class _QuantLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, qs: LinearQuantizers, training: bool):  # noqa: D102
         ctx.save_for_backward(x, weight)
         ctx.qs, ctx.training, ctx.bias_dtype = qs, training, None if bias is None else bias.dtype
-        return _run(0, qs, x, weight, bias, qs, training)
+        return _run(_forward_body, qs, x, weight, bias, qs, training)
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102
         x, weight = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dx, dw, g32 = _run(1, ctx.qs, x, weight, grad_y, ctx.qs, ctx.training, need_dx, need_dw)
+        dx, dw, g32 = _run(_backward_body, ctx.qs, x, weight, grad_y, ctx.qs, ctx.training, need_dx, need_dw)
         db = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = g32.sum(0).to(ctx.bias_dtype)

@@ -25,28 +25,30 @@ class              scale granularity and rule                                   
 =================  ==========================================================  ===========
 
 "axis-free" quantizers give the same result whatever ``axis`` is, so a caller
-may quantize once and use the result in two GEMMs.
+may quantize once and use the result in two GEMMs. Stochastic rounding draws
+from an :class:`SRGenerator` owned by the recipe (seeded, per device), so runs
+are reproducible. The pure parts run under ``torch.compile`` with
+``compile=True`` (``recipes.compiling``; same bits).
 
-Also here: :func:`quantize_nvfp4_2d` (TE's 16x16 NVFP4 weight tiles, not in
-``recipes.mx``) and :func:`hadamard_tokens` (TE's random Hadamard transform of
-the wgrad operands). Stochastic rounding draws from an :class:`SRGenerator`
-owned by the recipe (seeded, per device), so runs are reproducible.
+:data:`QUANTIZER_KINDS` maps each ``recipe.quantizer`` kind of the quantized
+recipe to the factory of its role class and the facts its checks need. A new
+quantizer kind is a role class here plus one entry in that table: the recipe
+registers every kind of the table.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from recipes.compiling import call as call_quantizer
+from recipes.config import RecipeConfig
 from recipes.fp8 import (
     DelayedScalingState,
     FP8Format,
+    format_for_role,
     quantize_fp8,
     quantize_fp8_block_1d,
     quantize_fp8_block_2d,
@@ -54,9 +56,8 @@ from recipes.fp8 import (
     quantize_fp8_rowwise,
 )
 from recipes.fp8 import amax as fp8_amax
-from recipes.mx import FORMATS, quantize_mx, quantize_nvfp4
-from recipes.mx.core import round_elements
-from recipes.mx.nvfp4 import nvfp4_tensor_scale
+from recipes.mx import quantize_mx, quantize_nvfp4
+from recipes.mx.nvfp4 import quantize_nvfp4_2d
 
 __all__ = [
     "FP8BlockRole",
@@ -65,46 +66,15 @@ __all__ = [
     "FP8RowwiseRole",
     "MXRole",
     "NVFP4Role",
+    "QUANTIZER_KINDS",
+    "QuantizerKind",
     "RoleQuantizer",
+    "RoleRequest",
     "SRGenerator",
-    "call_quantizer",
-    "recompile_headroom",
-    "hadamard_tokens",
-    "quantize_nvfp4_2d",
 ]
 
-_FP4 = FORMATS["fp4_e2m1"]
-_E4M3_MAX = 448.0
-_E4M3_MIN_NORMAL = 2.0**-6
 #: seed of the stochastic-rounding generator (the DP rank is added)
 SR_SEED = 0x10B17
-#: seed of TE-style random Hadamard sign vectors (fixed, as TE's)
-RHT_SEED = 0x5EED
-HADAMARD_SIZE = 16
-
-
-#: graphs kept per compiled quantizer (one per format/role/shape)
-_RECOMPILE_LIMIT = 256
-
-
-@functools.cache
-def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    return torch.compile(fn, dynamic=False)
-
-
-def recompile_headroom() -> Any:
-    """Scoped dynamo config: one graph per (format, role, shape) exceeds the default limit of 8."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    return cfg.patch(**{name: max(getattr(cfg, name), _RECOMPILE_LIMIT)})
-
-
-def call_quantizer(fn: Callable[..., torch.Tensor], compile: bool, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``fn(*args, **kwargs)``, or the same pure function under ``torch.compile`` (same bits)."""
-    if not compile:
-        return fn(*args, **kwargs)
-    with recompile_headroom():
-        return _compiled(fn)(*args, **kwargs)
 
 
 class SRGenerator:
@@ -293,72 +263,92 @@ class FP8BlockRole(RoleQuantizer):
         )
 
 
-# ---------------------------------------------------------------------- NVFP4 2-D weight tiles
+# ---------------------------------------------------------------------- the kinds
 
 
-def quantize_nvfp4_2d(
-    w: torch.Tensor, *, tile: int = HADAMARD_SIZE, rounding: str = "nearest_even"
-) -> torch.Tensor:
-    """NVFP4 with ``tile`` x ``tile`` blocks over a 2-D tensor (TE's weight quantization).
+@dataclass(frozen=True)
+class RoleRequest:
+    """What the recipe asks of one operand's quantizer (the input of a kind's factory)."""
 
-    The arithmetic of ``recipes.mx.nvfp4.quantize_nvfp4`` with the block amax
-    taken over a square tile: ``s_t = amax_tensor / (6*448)``,
-    ``s_b = e4m3(clamp((amax_tile / 6) / s_t, 2^-6, 448))``, elements
-    ``round(x * ((1/s_t)/s_b))`` on the E2M1 grid (saturating at 6), output
-    ``w * (s_t * s_b)``. The same values serve the forward (K-blocked) and the
-    dgrad (N-blocked) GEMM, which is why TE uses it. Padded tiles are zero-filled.
-    """
-    if w.dim() != 2:
-        raise ValueError(f"2-D NVFP4 tiles need a 2-D tensor, got shape {tuple(w.shape)}")
-    n, k = w.shape
-    pn, pk = (-n) % tile, (-k) % tile
-    w32 = F.pad(w.float(), (0, pk, 0, pn))
-    t = w32.view((n + pn) // tile, tile, (k + pk) // tile, tile)
-    amax_b = torch.maximum(t.amax(dim=(1, 3), keepdim=True), t.amin(dim=(1, 3), keepdim=True).neg())
-    finite = torch.isfinite(amax_b)
-    s_t = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax())
-    s_b = ((amax_b / _FP4.max_norm) / s_t).clamp_(_E4M3_MIN_NORMAL, _E4M3_MAX)
-    s_b = s_b.to(torch.float8_e4m3fn).to(torch.float32)
-    v = t * ((1.0 / s_t) / s_b).masked_fill_(~finite, math.nan)
-    r, q = round_elements(v, fmt=_FP4, rounding=rounding, sign_of=t, noise=None)
-    y = r.mul_(q).mul_((s_t * s_b).masked_fill_(~finite, math.nan))
-    return y.view(n + pn, k + pk)[:n, :k].to(w.dtype)
+    cfg: RecipeConfig
+    """The recipe settings with every ``same`` resolved (``recipes.config.resolve_same``)."""
+    fmt: str
+    """The operand's element format (its ``recipe.*_format``; never null here)."""
+    tensor: str
+    """``"<layer>/<role>"``, role ``input`` | ``weight`` | ``grad_output``: the delayed-scaling
+    key, and the TE tensor role that picks the FP8 element under ``fp8_format``."""
+    grad: bool = False
+    """dY: rounds by ``grad_rounding`` instead of ``rounding``."""
+    two_d: bool = False
+    """A weight operand under ``weight_2d_blocks`` (square tiles)."""
+    compile: bool = False
+    sr: SRGenerator | None = None
+    delayed: DelayedScalingState | None = None
 
+    @property
+    def rounding(self) -> str:
+        return self.cfg.grad_rounding if self.grad else self.cfg.rounding
 
-# ---------------------------------------------------------------------- random Hadamard transform
+    @property
+    def fp8(self) -> FP8Format:
+        return format_for_role(self.cfg.fp8_format, self.tensor.rsplit("/", 1)[1])
 
 
-def sylvester_hadamard(n: int) -> torch.Tensor:
-    """The n x n Sylvester Hadamard matrix (entries +-1), n a power of two."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
+@dataclass(frozen=True)
+class QuantizerKind:
+    """One ``recipe.quantizer`` kind of the quantized recipe: its role factory and its rules."""
+
+    make: Callable[[RoleRequest], RoleQuantizer]
+    family: str
+    """Element vocabulary and statistics family (``recipes.numerics.FAMILIES``): mx | nvfp4 | fp8."""
+    blocked: bool = False
+    """Uses ``recipe.block_size`` blocks (which must divide the converted reduction dims)."""
+    block_size: int = 0
+    """The one block size the kind allows (nvfp4: 16); 0 = any power of two from 2 to 256."""
+    tiles: bool = False
+    """``recipe.weight_2d_blocks`` (square weight tiles) exists for it."""
+    hadamard: bool = False
+    """``recipe.wgrad_hadamard`` exists for it."""
+    delayed: bool = False
+    """Keeps a ``DelayedScalingState`` (amax histories, updated per optimizer step)."""
 
 
-_RHT_CACHE: dict[tuple[torch.device, int], torch.Tensor] = {}
+def _delayed_role(r: RoleRequest) -> FP8DelayedRole:
+    assert r.delayed is not None, "a delayed-scaling kind's recipe owns a DelayedScalingState"
+    r.delayed.register(r.tensor)
+    return FP8DelayedRole(r.delayed, r.tensor, compile=r.compile)
 
 
-def random_hadamard(device: torch.device, n: int = HADAMARD_SIZE) -> torch.Tensor:
-    """Orthonormal ``H diag(s) / sqrt(n)`` with a fixed random sign vector ``s`` (seed ``RHT_SEED``)."""
-    key = (device, n)
-    if key not in _RHT_CACHE:
-        gen = torch.Generator().manual_seed(RHT_SEED)
-        signs = torch.randint(0, 2, (n,), generator=gen).float().mul_(2).sub_(1)
-        _RHT_CACHE[key] = (sylvester_hadamard(n) * signs / math.sqrt(n)).to(device)
-    return _RHT_CACHE[key]
-
-
-def hadamard_tokens(x: torch.Tensor, n: int = HADAMARD_SIZE) -> torch.Tensor:
-    """Apply the random Hadamard matrix to each group of ``n`` consecutive rows of ``x [M, C]``.
-
-    Rows are zero-padded to a multiple of ``n`` and the padding is *kept*: both
-    wgrad operands are transformed alike and ``H`` is orthogonal, so
-    ``(H g)^T (H x) = g^T x`` exactly in real arithmetic; only quantization
-    (and float32 rounding) sees the rotated values.
-    """
-    m, c = x.shape
-    pad = (-m) % n
-    xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-    h = random_hadamard(x.device, n)
-    return torch.matmul(h, xp.view(-1, n, c)).view(m + pad, c)
+#: ``recipe.quantizer`` -> kind (order: the order error messages list them in)
+QUANTIZER_KINDS: dict[str, QuantizerKind] = {
+    "mx": QuantizerKind(
+        lambda r: MXRole(r.fmt, r.cfg.block_size, r.rounding, r.cfg.scale_rule, compile=r.compile, sr=r.sr),
+        family="mx",
+        blocked=True,
+    ),
+    "nvfp4": QuantizerKind(
+        lambda r: NVFP4Role(r.rounding, two_d=r.two_d, sr=r.sr, compile=r.compile),
+        family="nvfp4",
+        blocked=True,
+        block_size=16,
+        tiles=True,
+        hadamard=True,
+    ),
+    "fp8_delayed": QuantizerKind(_delayed_role, family="fp8", delayed=True),
+    "fp8_current": QuantizerKind(
+        lambda r: FP8CurrentRole(r.fp8, r.cfg.power_2_scales, r.cfg.amax_epsilon, compile=r.compile),
+        family="fp8",
+    ),
+    "fp8_rowwise": QuantizerKind(
+        lambda r: FP8RowwiseRole(r.fp8, r.cfg.power_2_scales, r.cfg.amax_epsilon, compile=r.compile),
+        family="fp8",
+    ),
+    "fp8_block": QuantizerKind(
+        lambda r: FP8BlockRole(
+            r.fp8, r.cfg.block_size, r.two_d, r.cfg.power_2_scales, r.cfg.amax_epsilon, compile=r.compile
+        ),
+        family="fp8",
+        blocked=True,
+        tiles=True,
+    ),
+}

@@ -1,16 +1,17 @@
-"""CUDA vs CPU: lowbit's MX and FP8 quantizers must give the same bits on both devices."""
+"""CUDA vs CPU: lowbit's MX and FP8 quantizers must give the same bits on both devices.
+
+Run by scripts/gpu_check.sh, which puts the checkout on PYTHONPATH (the GPU image has no
+editable install); by hand: ``PYTHONPATH=$PWD python scripts/gpu_check.py``.
+"""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from recipes.fp8 import E4M3, E5M2, quantize_fp8  # noqa: E402
-from recipes.mx import quantize_mx  # noqa: E402
+from recipes.fp8 import E4M3, E5M2, quantize_fp8
+from recipes.mx import quantize_mx
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

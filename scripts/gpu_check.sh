@@ -3,7 +3,7 @@
 #   1. installs the carried wheels (.whl/, built by scripts/gpu_wheels.sh) into .site
 #   2. MX/FP8 quantizers on CUDA equal the CPU results bit for bit (scripts/gpu_check.py)
 #   3. a short BF16 and an MXFP8-emulated training run on one GPU through DeepSpeed (NCCL)
-#   4. bench/overhead.py on the GPU
+#   4. python -m bench.overhead on the GPU
 # Everything it prints also lands in $OUT/gpu_check.log. Status: written against the image's
 # documented contents; not yet run on a GPU (no device was lent to the session that wrote it).
 set -uo pipefail
@@ -14,8 +14,10 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 py=${PYTHON:-python3}
 if [ -d .whl ]; then
   $py -m pip install -q --no-index --no-deps --target .site .whl/*.whl
-  export PYTHONPATH="$PWD/.site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# No editable install on the GPU image: train, recipes, bench and scripts import from the checkout
+# (and the carried wheels from .site, when there are any).
+export PYTHONPATH="$PWD/.site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export WANDB_MODE=disabled LOWBIT_OUTPUTS="$OUT/outputs" LOWBIT_CACHE="$OUT/cache"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
@@ -32,4 +34,4 @@ for recipe in bf16 mxfp8_e4m3 fp8_delayed; do
 done
 
 echo "== 3. overhead against a plain PyTorch loop"
-timeout 180 $py bench/overhead.py --steps 40 --reps 2 model=20m data=pydoc || echo "overhead FAILED"
+timeout 180 $py -m bench.overhead --recipes bf16 --steps 40 --reps 4 model=20m data=pydoc || echo "overhead FAILED"

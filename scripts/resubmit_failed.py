@@ -1,7 +1,7 @@
 """Resubmit the members of a Hydra sweep that did not complete, into their own run directories.
 
-    python scripts/resubmit_failed.py SWEEP_DIR            # resubmit
-    python scripts/resubmit_failed.py SWEEP_DIR --dry-run  # print the commands only
+    python -m scripts.resubmit_failed SWEEP_DIR            # resubmit
+    python -m scripts.resubmit_failed SWEEP_DIR --dry-run  # print the commands only
 
 Each incomplete or missing job (see SWEEP_DIR/sweep.json, rebuilt from the job
 directories) is submitted again with its original overrides, its original
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from train.sweep_index import build_index
 
-from train.sweep_index import build_index  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 _DROP = (
     "hydra.sweep.dir=",
@@ -58,7 +57,11 @@ def resubmit_commands(sweep_dir: Path) -> list[list[str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m scripts.resubmit_failed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("sweep_dir", type=Path)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()

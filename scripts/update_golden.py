@@ -1,28 +1,42 @@
 """Regenerate tests/assets/losses/*.json: only for changes that are meant to touch numerics.
 
-python scripts/update_golden.py            # all
-python scripts/update_golden.py tiny_nvfp4 # some
+From the checkout root (``tests`` and ``scripts`` import from there):
+
+    python -m scripts.update_golden               # all
+    python -m scripts.update_golden tiny_nvfp4    # some
+    python -m scripts.update_golden --list        # the golden names and their commands; runs nothing
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.conftest import run_lowbit  # noqa: E402
-from tests.golden import GOLDEN_DIR, RECIPE_GOLDEN, golden_rows, machine_signature  # noqa: E402
-from tests.test_train_runs import COMMON_GOLDEN  # noqa: E402
+from tests.conftest import run_lowbit
+from tests.golden import GOLDEN_DIR, RECIPE_GOLDEN, golden_rows, machine_signature
+from tests.test_train_runs import COMMON_GOLDEN
 
 
-def main(names: list[str]) -> None:
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m scripts.update_golden",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("names", nargs="*", help="golden names to regenerate (default: all)")
+    ap.add_argument("--list", action="store_true", help="print the golden names and commands, run nothing")
+    args = ap.parse_args()
+    every = {**COMMON_GOLDEN, **RECIPE_GOLDEN}  # name -> the Hydra overrides that record it
+    if args.list:
+        for name, command in every.items():
+            print(f"{name}: {command}")
+        return
+    if unknown := [n for n in args.names if n not in every]:
+        ap.error(f"unknown golden name(s) {', '.join(unknown)}; choose from: {', '.join(every)}")
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
-    every = {**COMMON_GOLDEN, **RECIPE_GOLDEN}
-    for name in names or list(every):
+    for name in args.names or list(every):
         command = every[name]
         with tempfile.TemporaryDirectory() as tmp:
             res = run_lowbit(command.split() + ["logger=none"], run_dir=Path(tmp) / "run")
@@ -36,4 +50,4 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

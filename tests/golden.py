@@ -4,7 +4,7 @@ Each entry is a command line for ``python train/run.py``; its recorded file in
 ``tests/assets/losses/NAME.json`` holds every logged row of the run except the
 timing-dependent ``perf/`` keys: losses, learning rates, grad norms, validation
 losses and, on stat steps, every per-layer statistic (``grad/``, ``act/``,
-``weight/``, ``fp8/``). ``python scripts/update_golden.py`` regenerates them,
+``weight/``, ``fp8/``). ``python -m scripts.update_golden`` regenerates them,
 only for changes that are meant to touch numerics.
 """
 

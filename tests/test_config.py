@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 
-from recipes.base import known_recipes
 from recipes.errors import ConfigError
 from train.cli import compose
 from train.config import RunConfig
@@ -69,25 +70,86 @@ def test_every_parallel_composes_and_validates(parallel):
     validate(cfg, world_size=1 if parallel == "single" else 2)
 
 
-@pytest.mark.parametrize("recipe", options("recipe"))
-def test_every_recipe_is_complete_and_registered(recipe):
-    """Each conf/recipe/NAME.yaml sets every field of the schema, so `+recipe=` never inherits BF16 values."""
-    from dataclasses import fields
+def schema_defaults() -> dict:
+    from recipes.config import RecipeConfig
 
+    return {f.name: getattr(RecipeConfig(), f.name) for f in dataclasses.fields(RecipeConfig)}
+
+
+@pytest.mark.parametrize("recipe", options("recipe"))
+def test_every_recipe_is_a_delta_that_composes_and_validates(recipe):
+    """Each conf/recipe/NAME.yaml starts from `_schema` (every RecipeConfig field at its default) and
+    sets only the fields that differ, so `+recipe=NAME` is exactly the schema defaults plus the deltas."""
     import yaml
 
     from recipes.config import RecipeConfig
 
     raw = yaml.safe_load((CONF / "recipe" / f"{recipe}.yaml").read_text())
-    assert set(raw) == {f.name for f in fields(RecipeConfig)}, f"{recipe}.yaml must set every recipe field"
-    assert raw["name"] in known_recipes()
+    assert raw.pop("defaults") == ["_schema", "_self_"], f"{recipe}.yaml must start from the schema"
+    defaults = schema_defaults()
+    for key, value in raw.items():
+        assert key in defaults, f"{recipe}.yaml: {key} is not a RecipeConfig field"
+        assert value != defaults[key], f"{recipe}.yaml: {key}: {value!r} is the schema default; drop it"
     cfg = compose_run([f"+recipe={recipe}"])
-    assert cfg.recipe.name == raw["name"]
+    assert cfg.recipe == RecipeConfig(**raw)
+    if cfg.recipe.precision == "fp16":  # DeepSpeed refuses fp16 on its CPU accelerator
+        with pytest.raises(ConfigError) as e:
+            validate(compose_run([f"+recipe={recipe}", "trainer.device=cpu"]), world_size=1)
+        assert e.value.key == "recipe.precision"
+    else:
+        validate(cfg, world_size=1)
 
 
-def test_recipe_override_replaces_inline_default():
+def test_no_recipe_is_the_schema_defaults_and_schema_is_not_a_choice():
+    from recipes.config import RecipeConfig
+
+    assert compose_run([]).recipe == RecipeConfig() == compose_run(["+recipe=bf16"]).recipe
+    assert "_schema" not in options("recipe")
+    with pytest.raises(ConfigError) as e:
+        compose_run(["+recipe=_schema"])
+    assert e.value.key == "recipe" and "_schema" not in e.value.fix
+
+
+def test_recipe_never_inherits_values_set_before_it(tmp_path: Path):
+    """An experiment that sets recipe fields is composed before `+recipe=`; the preset resets them."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "experiment" / "sets_recipe.yaml").write_text(
+        "# @package _global_\nrecipe:\n  block_size: 64\n  skip_modules: [lm_head, mlp]\n"
+    )
+    cfg = compose(["experiment=sets_recipe"], conf_dir=conf)
+    assert cfg.recipe.block_size == 64 and cfg.recipe.skip_modules == ["lm_head", "mlp"]
+    cfg = compose(["experiment=sets_recipe", "+recipe=mxfp8_e4m3"], conf_dir=conf)
+    assert cfg.recipe == compose_run(["+recipe=mxfp8_e4m3"]).recipe
+    assert cfg.recipe.block_size == 32 and cfg.recipe.skip_modules == ["lm_head"]
+
+
+def test_recipe_override_replaces_default():
     cfg = compose_run(["+recipe=fp32"])
     assert cfg.recipe.precision == "fp32"
+
+
+def test_a_new_preset_is_one_yaml(tmp_path: Path):
+    """A preset is data: one file in a copy of conf/ (Hydra's --config-dir) trains, no code touched."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "recipe" / "mxfp6_b16.yaml").write_text(
+        "# MX FP6 E3M2 in 16-element blocks.\n"
+        "defaults: [_schema, _self_]\n"
+        "name: mxfp6_b16\n"
+        "quantizer: mx\n"
+        "input_format: fp6_e3m2\n"
+        "weight_format: fp6_e3m2\n"
+        "grad_output_format: fp6_e3m2\n"
+        "block_size: 16\n"
+    )
+    args = ["--config-dir", str(conf), "+recipe=mxfp6_b16", "trainer.max_steps=2"]
+    res = run_lowbit([*args, "trainer.eval_sequences=16", "logger=none"], run_dir=tmp_path / "run")
+    rec = res.run_config["resolved"]["recipe"]
+    cfg = res.run_config["config"]["recipe"]
+    assert cfg["name"] == "mxfp6_b16" and cfg["block_size"] == 16 and cfg["input_format"] == "fp6_e3m2"
+    assert rec["conversion"].startswith("converted 8/9 Linear") and len(rec["converted"]) == 8
+    assert res.metrics[-1]["step"] == 2
 
 
 def test_schema_rejects_unknown_keys_and_bad_types():

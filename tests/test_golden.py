@@ -30,6 +30,6 @@ def test_recipe_golden_run(name, tmp_path):
         assert [r["train/loss"] for r in rows] == pytest.approx(golden["losses"], abs=OTHER_MACHINE_LOSS_ATOL)
         return
     assert [r["train/loss"] for r in rows] == golden["losses"], (
-        "loss curve moved: if the change is meant to touch numerics, regenerate with scripts/update_golden.py"
+        "loss curve moved: if the change is meant to touch numerics, regenerate with python -m scripts.update_golden"
     )
     assert rows == golden["rows"], "a logged value moved (losses equal): see the differing keys"

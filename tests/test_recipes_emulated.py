@@ -1,4 +1,4 @@
-"""Emulated recipes: module filter, conversion report, validation errors, delayed-scaling updates."""
+"""Quantized recipes: module filter, conversion report, validation errors, delayed-scaling updates."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from torch import nn
 
 from recipes.base import get_recipe
 from recipes.config import RecipeConfig
-from recipes.emulated import EMULATED_RECIPES, EmulatedRecipe
 from recipes.errors import ConfigError
 from recipes.filter import block_index, select_modules
+from recipes.plain import PlainRecipe
 from recipes.qlinear import QuantAttentionCore, QuantLinear
+from recipes.quantized import QuantizedRecipe
 from train.config import ModelConfig
 from train.model import GPT, build_model
 
@@ -25,9 +26,20 @@ TINY_NAMES = [
 ] + ["lm_head"]
 
 
+def raw_preset(name: str) -> dict:
+    """A preset's own values (its Hydra ``defaults`` list dropped: the schema defaults fill the rest)."""
+    raw = yaml.safe_load((CONF / f"{name}.yaml").read_text()) or {}
+    return {k: v for k, v in raw.items() if k != "defaults"}
+
+
 def preset(name: str, **over) -> RecipeConfig:
-    raw = yaml.safe_load((CONF / f"{name}.yaml").read_text())
-    return dataclasses.replace(RecipeConfig(**raw), **over)
+    return dataclasses.replace(RecipeConfig(**raw_preset(name)), **over)
+
+
+#: the quantized presets: every conf/recipe/*.yaml whose kind is not ``none`` (presets are data)
+QUANTIZED_PRESETS = sorted(
+    f.stem for f in CONF.glob("*.yaml") if raw_preset(f.stem).get("quantizer", "none") != "none"
+)
 
 
 def tiny(**over) -> GPT:
@@ -61,13 +73,20 @@ def test_filter_first_last_blocks_and_regexes():
 # ---------------------------------------------------------------- presets
 
 
-@pytest.mark.parametrize("name", EMULATED_RECIPES)
+def test_presets_cover_every_quantizer_kind():
+    assert {preset(n).quantizer for n in QUANTIZED_PRESETS} == {
+        "mx", "nvfp4", "fp8_delayed", "fp8_current", "fp8_rowwise", "fp8_block"
+    }  # fmt: skip
+    assert len(QUANTIZED_PRESETS) == 13
+
+
+@pytest.mark.parametrize("name", QUANTIZED_PRESETS)
 def test_presets_are_emulated_bf16_and_valid_on_tiny(name):
     cfg = preset(name)
     assert cfg.precision == "bf16" and cfg.backend == "auto"
     assert (CONF / f"{name}.yaml").read_text().startswith("# "), "each preset opens with what it emulates"
     rec = get_recipe(cfg)
-    assert isinstance(rec, EmulatedRecipe)
+    assert isinstance(rec, QuantizedRecipe)
     assert rec.resolve_backend("cpu") == (
         "emulated",
         f"recipe.backend=auto resolved to 'emulated' on cpu (no hardware backend for {name})",
@@ -86,7 +105,7 @@ def test_engine_settings_equal_bf16_preset():
         "hysteresis",
         "min_loss_scale",
     )
-    for name in EMULATED_RECIPES:
+    for name in QUANTIZED_PRESETS:
         cfg = dataclasses.asdict(preset(name))
         assert {k: cfg[k] for k in engine} == {k: bf16[k] for k in engine}, name
 
@@ -104,6 +123,7 @@ def test_convert_reports_and_keeps_weights():
     d = rec.describe()
     assert d["conversion"] == report.summary() and d["quantizer"] == "mx" and d["compile"] is False
     assert d["roles"]["weight_dgrad"].startswith("mx fp8_e4m3 1x32")
+    assert report.reasons == {"lm_head": "skip regex 'lm_head'"} and d["kept_reasons"] == report.reasons
 
 
 def test_convert_keep_blocks_and_attention():
@@ -114,6 +134,7 @@ def test_convert_keep_blocks_and_attention():
         "converted 8/13 Linear; kept in high precision: blocks.0.attn.qkv, blocks.0.attn.proj, "
         "blocks.0.mlp.fc, blocks.0.mlp.proj, lm_head"
     )
+    assert rec.report.reasons["blocks.0.mlp.fc"] == "first 1 blocks"
     assert not isinstance(model.blocks[0].attn.core, QuantAttentionCore)
     assert isinstance(model.blocks[2].attn.core, QuantAttentionCore)
     assert rec.describe()["attention"] == "QK^T and PV quantized in 2/3 attention cores"
@@ -172,11 +193,22 @@ def test_block_size_must_divide_reduction_dims():
             "quantizes nothing",
         ),
         ({"quantizer": "none"}, "recipe.quantizer", "mx"),
+        ({"quantizer": "mxx"}, "recipe.quantizer", "use one of: fp8_block, fp8_current"),
     ],
 )
 def test_bad_settings_name_the_key(over, key, text):
     e = check_error(preset("mxfp8_e4m3", **over))
     assert e.key == key and text in e.fix, (e.key, e.fix)
+
+
+def test_plain_recipe_refuses_quantized_operands_and_quantized_recipe_refuses_none():
+    """``+recipe=mxfp8_e4m3 recipe.quantizer=none`` would silently run plain BF16: refused."""
+    assert isinstance(get_recipe(preset("bf16")), PlainRecipe)
+    get_recipe(preset("bf16")).check(meta_model())
+    e = check_error(preset("mxfp8_e4m3", quantizer="none"))
+    assert e.key == "recipe.quantizer" and "recipe.input_format=fp8_e4m3" in e.fix and "mx" in e.fix
+    with pytest.raises(ConfigError, match="use one of mx, nvfp4"):
+        QuantizedRecipe(preset("mxfp8_e4m3", quantizer="none")).check(meta_model())
 
 
 def test_fp8_settings_are_checked():
@@ -227,7 +259,7 @@ def test_fp8_delayed_recipe_updates_scales_and_reduces(monkeypatch):
 def test_recipe_state_round_trips_for_checkpoints():
     x, y = torch.randint(0, 256, (2, 128)), torch.randint(0, 256, (2, 128))
 
-    def trained(steps: int) -> EmulatedRecipe:
+    def trained(steps: int) -> QuantizedRecipe:
         model = tiny()
         rec = get_recipe(preset("fp8_delayed", amax_history_len=4))
         rec.convert(model)

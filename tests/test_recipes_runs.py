@@ -1,4 +1,4 @@
-"""Every emulated recipe runs through the real entry point and records what ran (3 steps each, ~5 s)."""
+"""Every quantized recipe preset runs through the real entry point and records what ran (3 steps each, ~5 s)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,20 @@ import math
 from pathlib import Path
 
 import pytest
-
-from recipes.emulated import EMULATED_RECIPES
+import yaml
 
 from .conftest import run_lowbit
 
 SHORT = ["trainer.max_steps=3", "trainer.eval_sequences=16", "logger=none"]
+#: the quantized presets: every conf/recipe/*.yaml whose kind is not ``none`` (presets are data)
+QUANTIZED_PRESETS = sorted(
+    f.stem
+    for f in (Path(__file__).resolve().parents[1] / "conf" / "recipe").glob("*.yaml")
+    if (yaml.safe_load(f.read_text()) or {}).get("quantizer", "none") != "none"
+)
 
 
-@pytest.mark.parametrize("recipe", EMULATED_RECIPES)
+@pytest.mark.parametrize("recipe", QUANTIZED_PRESETS)
 def test_recipe_runs_and_records_backend_and_conversion(recipe, tmp_path: Path):
     res = run_lowbit([f"+recipe={recipe}", *SHORT], run_dir=tmp_path / recipe, timeout=300)
     out = res.proc.stdout + res.proc.stderr

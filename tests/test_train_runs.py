@@ -97,7 +97,7 @@ def _golden_check(res: RunResult, name: str) -> None:
         assert got == pytest.approx(golden["losses"], abs=OTHER_MACHINE_LOSS_ATOL)
         return
     assert got == golden["losses"], (
-        "loss curve moved: if the change is meant to touch numerics, regenerate with scripts/update_golden.py"
+        "loss curve moved: if the change is meant to touch numerics, regenerate with python -m scripts.update_golden"
     )
 
 

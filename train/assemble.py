@@ -79,7 +79,7 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
 
     ref_model = copy.deepcopy(model) if cfg.reference.mode == "lockstep" else None
     recipe = get_recipe(cfg.recipe)
-    recipe.backend, note = recipe.resolve_backend(plan.device)
+    note = recipe.resolve(plan.device)  # records recipe.backend
     if note:
         distenv.log0(denv, note)
     report = recipe.convert(model)
@@ -91,7 +91,7 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     reference_engine = reference.engine if isinstance(reference, LockstepReference) else None
 
     perf = PerfMeter.build(
-        cfg, gemm_family=recipe.gemm_family(), vocab_size=model_cfg.vocab_size, world_size=plan.world_size,
+        cfg, gemm_family=recipe.gemm_family(), vocab_size=model.vocab_size, world_size=plan.world_size,
         device=plan.device,
     )  # fmt: skip
     start_step, resume_note = rundir.resume(

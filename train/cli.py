@@ -29,7 +29,7 @@ _HYDRA_FLAGS_WITHOUT_COMPOSE = (
     "--shell-completion",
     "-sc",
 )
-GROUPS = ("model", "parallel", "data", "trainer", "logger", "recipe")
+GROUPS = ("model", "parallel", "data", "trainer", "logger", "recipe", "experiment")
 
 
 def config_error_exit(err: ConfigError) -> NoReturn:
@@ -90,7 +90,7 @@ def check_group_choices(overrides: list[str], *, conf_dir: str) -> None:
                 raise ConfigError(key, choice, f"unknown {key}; choose one of: {', '.join(options)}")
 
 
-def _error_key(exc: BaseException) -> str | None:
+def _error_key(exc: BaseException | None) -> str | None:
     while exc is not None:
         key = getattr(exc, "full_key", None)
         if key:

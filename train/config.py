@@ -194,15 +194,19 @@ class RunConfig:
 
 
 def register_configs() -> None:
+    """Store the schemas Hydra composes against. ``recipe/_schema`` is every RecipeConfig field
+    at its default: each ``conf/recipe/NAME.yaml`` lists it first in its defaults, so a preset
+    holds only its deltas and ``+recipe=NAME`` never inherits a value from the config before it."""
     cs = ConfigStore.instance()
     cs.store(name="lowbit_schema", node=RunConfig)
+    cs.store(group="recipe", name="_schema", node=RecipeConfig)
 
 
 def to_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     """Convert a composed config (hydra keys dropped) into typed dataclasses."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg.keys() if k != "hydra"])
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, RunConfig)

@@ -35,19 +35,18 @@ def dry_run(cfg: RunConfig, *, world_size: int) -> dict[str, Any]:
     with torch.device("meta"):
         model = GPT(model_cfg)
     recipe = get_recipe(cfg.recipe)
-    backend, note = recipe.resolve_backend(plan.device)
-    recipe.backend = backend
+    note = recipe.resolve(plan.device)
     report = recipe.convert(model)
     grad = recipe.grad_format()
     return {
         "plan": asdict(plan),
         "model": {**asdict(model_cfg), "head_dim": model_cfg.head_dim, "ffn_dim": model_cfg.ffn_dim,
                   "num_params": count_params(model)},
-        "flops_per_token": flops_per_token(model_cfg, vocab_size=model_cfg.vocab_size, seq_len=model_cfg.seq_len),
+        "flops_per_token": flops_per_token(model_cfg, vocab_size=model.vocab_size, seq_len=model_cfg.seq_len),
         "tokens_per_step": cfg.trainer.global_batch_size * model_cfg.seq_len,
         "recipe": {
             "name": recipe.name,
-            "backend": backend,
+            "backend": recipe.backend,
             "backend_note": note,
             "conversion": report.summary(),
             "grad_format": None if grad is None else asdict(grad),

@@ -31,7 +31,8 @@ def lr_lambda(step: int, *, max_steps: int, warmup_frac: float, min_ratio: float
 
 def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict[str, Any]]:
     """Matrices (dim >= 2, embeddings included) decay; norms and biases do not."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)

@@ -64,6 +64,9 @@ class CausalAttentionCore(nn.Module):
 
 
 class Attention(nn.Module):
+    rope_cos: torch.Tensor  # buffers, registered with RoPE only
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -167,12 +170,12 @@ def init_weights(model: GPT, *, seed: int) -> None:
                 continue
             s = resid_std if name.endswith(("attn.proj", "mlp.proj")) else std
             mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * s)
-            if getattr(mod, "bias", None) is not None:
-                mod.bias.zero_()
+            if (bias := getattr(mod, "bias", None)) is not None:
+                bias.zero_()
         elif isinstance(mod, nn.LayerNorm | RMSNorm):
             mod.weight.fill_(1.0)
-            if getattr(mod, "bias", None) is not None:
-                mod.bias.zero_()
+            if (bias := getattr(mod, "bias", None)) is not None:
+                bias.zero_()
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, seed: int) -> GPT:

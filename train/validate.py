@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from recipes.base import known_recipes
 from recipes.config import BACKENDS, PRECISIONS
 from recipes.errors import ConfigError
 from train.config import RunConfig
-from train.data import source_files
+from train.data import nominal_vocab_size, source_files
 
 
 @dataclass(frozen=True)
@@ -42,16 +41,17 @@ def _one_of(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
 
 
 def check_recipe_on_model(cfg: RunConfig) -> None:
-    """Let the recipe inspect the model's layers (on the meta device: free)."""
+    """Look the recipe kind up (importing ``recipe.module`` first; an unknown kind or a failed
+    import is a ConfigError), then let the recipe inspect the model's layers (on the meta device: free)."""
     import torch
 
     from recipes.base import get_recipe
     from train.model import GPT
 
-    vocab = cfg.model.vocab_size or (256 if cfg.data.tokenizer == "bytes" else cfg.data.bpe_vocab_size)
+    recipe = get_recipe(cfg.recipe)
     with torch.device("meta"):
-        model = GPT(cfg.model, vocab_size=vocab)
-    get_recipe(cfg.recipe).check(model)
+        model = GPT(cfg.model.resolve(nominal_vocab_size(cfg.data)))
+    recipe.check(model)
 
 
 def check_reference(cfg: RunConfig) -> None:
@@ -161,8 +161,7 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         raise ConfigError("parallel.offload_param", True, "parameter offload needs parallel.zero_stage=3")
     if cfg.launcher.nproc_per_node < 1:
         raise ConfigError("launcher.nproc_per_node", cfg.launcher.nproc_per_node, "must be >= 1")
-    # recipe
-    _one_of("recipe.name", r.name, known_recipes())
+    # recipe (recipe.name is a label; the kind, recipe.quantizer, is checked by the registry below)
     _one_of("recipe.precision", r.precision, PRECISIONS)
     _one_of("recipe.backend", r.backend, BACKENDS)
     if r.precision == "fp16" and device == "cpu":
@@ -182,6 +181,11 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         raise ConfigError("model.vocab_size", m.vocab_size, "byte tokens need a vocabulary of at least 256")
     if cfg.logger.wandb.mode not in (None, "offline", "online", "disabled"):
         raise ConfigError("logger.wandb.mode", cfg.logger.wandb.mode, "use null, offline, online or disabled")
+    env_mode = os.environ.get("WANDB_MODE")
+    if cfg.logger.wandb.mode is None and env_mode and env_mode not in ("offline", "online", "disabled"):
+        raise ConfigError(
+            "WANDB_MODE", env_mode, "use offline, online or disabled (or set logger.wandb.mode)"
+        )
     if p.offload_optimizer and p.zero_stage == 0:
         raise ConfigError(
             "parallel.offload_optimizer", True, "optimizer offload needs parallel.zero_stage >= 1"

@@ -292,9 +292,7 @@ class Float8BlockScaling:
     def quantize(self, x: torch.Tensor, role: str, *, axis: int = -1) -> torch.Tensor:
         """Quantize-dequantize ``x`` playing ``role``; ``axis`` is the tile axis for 1D tiles."""
         fmt = format_for_role(self.fp8_format, role)
-        kw = dict(
-            block_size=self.block_size, power_2_scales=self.power_2_scales, amax_epsilon=self.amax_epsilon
-        )
+        b, p2, eps = self.block_size, self.power_2_scales, self.amax_epsilon
         if self.block_dim_for(role) == 2:
-            return quantize_fp8_block_2d(x, fmt, **kw)
-        return quantize_fp8_block_1d(x, fmt, axis=axis, **kw)
+            return quantize_fp8_block_2d(x, fmt, block_size=b, power_2_scales=p2, amax_epsilon=eps)
+        return quantize_fp8_block_1d(x, fmt, axis=axis, block_size=b, power_2_scales=p2, amax_epsilon=eps)

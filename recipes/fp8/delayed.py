@@ -121,6 +121,7 @@ class DelayedScalingState:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.num_steps = 0
         self._names: list[str] = []
+        self._hist = self._scale = self._fp8_max = torch.empty(0)  # sized by _alloc
         self._index: dict[str, int] = {}
         self._formats: list[FP8Format] = []
         self._alloc(16)

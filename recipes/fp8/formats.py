@@ -84,6 +84,12 @@ class FP8Format:
     min_subnormal: float
     has_inf: bool
 
+    @property
+    def element(self) -> str:
+        """The element name recipe configs and statistics use for it: ``fp8_e4m3`` / ``fp8_e5m2``
+        (``recipe.*_format``, ``recipes.numerics.get_spec``)."""
+        return f"fp8_{self.name}"
+
 
 E4M3 = FP8Format(
     name="e4m3",

@@ -19,6 +19,19 @@ order torchao's ``nvfp4_quantize`` uses, which it takes from NVIDIA's kernels):
   roundings (``s_t`` is not a power of two), exactly as torchao computes them.
 * A block holding NaN or +-Inf dequantizes to all NaN (it is left out of
   ``amax_tensor``).
+
+2-D weight tiles (:func:`quantize_nvfp4_2d`, TE's NVFP4 weights): the same
+arithmetic with the block amax taken over a 16 x 16 tile of a 2-D tensor, so
+one quantized copy serves the forward (K-blocked) and the dgrad (N-blocked)
+GEMM; padded tiles are zero-filled.
+
+Random Hadamard transform (:func:`hadamard_tokens`, TE's wgrad RHT): each
+group of 16 consecutive rows (tokens) of a ``[M, C]`` operand is multiplied by
+``H diag(s) / 4``, ``H`` the 16 x 16 Sylvester Hadamard matrix and ``s`` a
+fixed random sign vector (seed ``RHT_SEED``), in float32. Rows are zero-padded
+to a multiple of 16 and the padding is kept. Applied to both wgrad operands it
+leaves ``g^T x`` unchanged in real arithmetic (``H`` is orthogonal); only the
+quantization sees rotated, outlier-spread values.
 """
 
 from __future__ import annotations
@@ -26,14 +39,28 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from recipes.mx.core import block_amax, block_layout, from_blocks, round_elements, to_blocks
 from recipes.mx.formats import FORMATS, check_rounding
 from recipes.mx.quantize import check_input, uniform_noise
 
-__all__ = ["NVFP4_BLOCK_SIZE", "nvfp4_tensor_scale", "quantize_nvfp4"]
+__all__ = [
+    "HADAMARD_SIZE",
+    "NVFP4_BLOCK_SIZE",
+    "RHT_SEED",
+    "hadamard_tokens",
+    "nvfp4_tensor_scale",
+    "quantize_nvfp4",
+    "quantize_nvfp4_2d",
+    "random_hadamard",
+    "sylvester_hadamard",
+]
 
 NVFP4_BLOCK_SIZE = 16
+#: seed of TE-style random Hadamard sign vectors (fixed, as TE's)
+RHT_SEED = 0x5EED
+HADAMARD_SIZE = 16
 _FP4 = FORMATS["fp4_e2m1"]
 _E4M3_MAX = 448.0
 _E4M3_MIN_NORMAL = 2.0**-6
@@ -79,3 +106,74 @@ def quantize_nvfp4(
     r, q = round_elements(v, fmt=_FP4, rounding=rounding, sign_of=xb, noise=noise)
     y = r.mul_(q).mul_((s_t * s_b).masked_fill_(~finite, math.nan))
     return from_blocks(y, layout).to(x.dtype)
+
+
+# ---------------------------------------------------------------------- 2-D weight tiles
+
+
+def quantize_nvfp4_2d(
+    w: torch.Tensor, *, tile: int = NVFP4_BLOCK_SIZE, rounding: str = "nearest_even"
+) -> torch.Tensor:
+    """NVFP4 with ``tile`` x ``tile`` blocks over a 2-D tensor (TE's weight quantization).
+
+    The arithmetic of :func:`quantize_nvfp4` with the block amax
+    taken over a square tile: ``s_t = amax_tensor / (6*448)``,
+    ``s_b = e4m3(clamp((amax_tile / 6) / s_t, 2^-6, 448))``, elements
+    ``round(x * ((1/s_t)/s_b))`` on the E2M1 grid (saturating at 6), output
+    ``w * (s_t * s_b)``. The same values serve the forward (K-blocked) and the
+    dgrad (N-blocked) GEMM, which is why TE uses it. Padded tiles are zero-filled.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"2-D NVFP4 tiles need a 2-D tensor, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    pn, pk = (-n) % tile, (-k) % tile
+    w32 = F.pad(w.float(), (0, pk, 0, pn))
+    t = w32.view((n + pn) // tile, tile, (k + pk) // tile, tile)
+    amax_b = torch.maximum(t.amax(dim=(1, 3), keepdim=True), t.amin(dim=(1, 3), keepdim=True).neg())
+    finite = torch.isfinite(amax_b)
+    s_t = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax())
+    s_b = ((amax_b / _FP4.max_norm) / s_t).clamp_(_E4M3_MIN_NORMAL, _E4M3_MAX)
+    s_b = s_b.to(torch.float8_e4m3fn).to(torch.float32)
+    v = t * ((1.0 / s_t) / s_b).masked_fill_(~finite, math.nan)
+    r, q = round_elements(v, fmt=_FP4, rounding=rounding, sign_of=t, noise=None)
+    y = r.mul_(q).mul_((s_t * s_b).masked_fill_(~finite, math.nan))
+    return y.view(n + pn, k + pk)[:n, :k].to(w.dtype)
+
+
+# ---------------------------------------------------------------------- random Hadamard transform
+
+
+def sylvester_hadamard(n: int) -> torch.Tensor:
+    """The n x n Sylvester Hadamard matrix (entries +-1), n a power of two."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+_RHT_CACHE: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def random_hadamard(device: torch.device, n: int = HADAMARD_SIZE) -> torch.Tensor:
+    """Orthonormal ``H diag(s) / sqrt(n)`` with a fixed random sign vector ``s`` (seed ``RHT_SEED``)."""
+    key = (device, n)
+    if key not in _RHT_CACHE:
+        gen = torch.Generator().manual_seed(RHT_SEED)
+        signs = torch.randint(0, 2, (n,), generator=gen).float().mul_(2).sub_(1)
+        _RHT_CACHE[key] = (sylvester_hadamard(n) * signs / math.sqrt(n)).to(device)
+    return _RHT_CACHE[key]
+
+
+def hadamard_tokens(x: torch.Tensor, n: int = HADAMARD_SIZE) -> torch.Tensor:
+    """Apply the random Hadamard matrix to each group of ``n`` consecutive rows of ``x [M, C]``.
+
+    Rows are zero-padded to a multiple of ``n`` and the padding is *kept*: both
+    wgrad operands are transformed alike and ``H`` is orthogonal, so
+    ``(H g)^T (H x) = g^T x`` exactly in real arithmetic; only quantization
+    (and float32 rounding) sees the rotated values.
+    """
+    m, c = x.shape
+    pad = (-m) % n
+    xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+    h = random_hadamard(x.device, n)
+    return torch.matmul(h, xp.view(-1, n, c)).view(m + pad, c)

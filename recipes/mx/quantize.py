@@ -95,12 +95,12 @@ Encoding to element codes + E8M0 bytes is in ``recipes.mx.encode``; NVFP4 in
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from recipes import compiling
 from recipes.mx.core import (
     BlockLayout,
     block_amax,
@@ -116,8 +116,6 @@ from recipes.mx.formats import ElemFormat, check_rounding, check_scale_rule, get
 __all__ = ["MXBlocks", "quantize_blocks", "quantize_mx", "quantize_mx_compiled", "uniform_noise"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: graphs kept per compiled function (each format/rounding/rule/shape is one)
-_RECOMPILE_LIMIT = 256
 
 
 @dataclass
@@ -175,18 +173,6 @@ def _fake_quant_fp32(
     else:
         y = m.r.mul_(m.q).mul_(m.scale)
     return from_blocks(y, layout)
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_fake_quant() -> Any:
-    return torch.compile(_fake_quant_fp32, dynamic=False)
-
-
-def _recompile_headroom() -> Any:
-    """Scoped dynamo config: one graph per (format, rounding, scale rule, shape) exceeds the default 8."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    return cfg.patch(**{name: max(getattr(cfg, name), _RECOMPILE_LIMIT)})
 
 
 def uniform_noise(x: torch.Tensor, *, generator: torch.Generator | None, seed: int | None) -> torch.Tensor:
@@ -268,11 +254,7 @@ def quantize_mx(
     if x.numel() == 0:
         return x.clone()
     kwargs = dict(fmt=fmt, layout=layout, rounding=rounding, scale_rule=scale_rule)
-    if compile:
-        with _recompile_headroom():
-            y = _compiled_fake_quant()(x.float(), noise, **kwargs)
-    else:
-        y = _fake_quant_fp32(x.float(), noise, **kwargs)
+    y = compiling.call(_fake_quant_fp32, compile, x.float(), noise, **kwargs)
     return y.to(x.dtype)
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from train.config import RunConfig
 
@@ -83,8 +83,14 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def wandb_mode(cfg: RunConfig) -> str:
-    return cfg.logger.wandb.mode or os.environ.get("WANDB_MODE") or "offline"
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def wandb_mode(cfg: RunConfig) -> Literal["online", "offline", "disabled"]:
+    """``logger.wandb.mode``, else ``$WANDB_MODE``, else offline (validated at the boundary)."""
+    mode = cfg.logger.wandb.mode or os.environ.get("WANDB_MODE") or "offline"
+    assert mode in WANDB_MODES, mode
+    return mode  # type: ignore[return-value]  # checked just above
 
 
 class WandbLogger:

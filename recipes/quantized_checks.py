@@ -1,42 +1,44 @@
-"""Model-independent validation of an emulated recipe's settings (``check_recipe_config``).
+"""Model-independent validation of a quantized recipe's settings (``check_recipe_config``).
 
 Every error is a ``recipes.errors.ConfigError`` naming the dotted key (``recipe.block_size``)
-and the fix; the trainer prints it as one line before any start-up. The
-model-dependent check (block size vs each converted layer) is
-``EmulatedRecipe.check`` in ``recipes.emulated``.
+and the fix; the trainer prints it as one line before any start-up. What differs by
+``recipe.quantizer`` is read from its entry in ``recipes.quantizers.QUANTIZER_KINDS`` (element
+family, blocks, tiles, Hadamard). The model-dependent check (block size vs each converted
+layer) is ``QuantizedRecipe.check`` in ``recipes.quantized``.
 """
 
 from __future__ import annotations
 
 import re
 
-from recipes.config import QUANTIZERS, SAME, RecipeConfig
+from recipes.config import ROLE_FORMAT_FIELDS, RecipeConfig, resolve_same
 from recipes.errors import ConfigError
 from recipes.fp8 import format_for_role
 from recipes.mx import FORMATS, ROUNDINGS, SCALE_RULES
+from recipes.quantizers import QUANTIZER_KINDS, QuantizerKind
 
-__all__ = ["BLOCKED_QUANTIZERS", "check_recipe_config", "config_error", "resolve_compile", "role_formats"]
+__all__ = ["check_recipe_config", "config_error", "quantizer_kind", "resolve_compile", "role_formats"]
 
-BLOCKED_QUANTIZERS = ("mx", "nvfp4", "fp8_block")
-_FP8_NAMES = {"e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2"}
 #: role field -> the TE tensor role deciding its FP8 format (E5M2 for grad_output under HYBRID)
-_ROLE_FIELDS = {
-    "input_format": "input",
-    "weight_format": "weight",
-    "grad_output_format": "grad_output",
-    "weight_dgrad_format": "weight",
-    "input_wgrad_format": "input",
-}
+_TE_ROLES = dict(zip(ROLE_FORMAT_FIELDS, ("input", "weight", "grad_output", "weight", "input")))
 
 
 def role_formats(cfg: RecipeConfig) -> dict[str, str | None]:
     """The five role formats with ``same`` resolved."""
-    f = {k: getattr(cfg, k) for k in _ROLE_FIELDS}
-    if f["weight_dgrad_format"] == SAME:
-        f["weight_dgrad_format"] = cfg.weight_format
-    if f["input_wgrad_format"] == SAME:
-        f["input_wgrad_format"] = cfg.input_format
-    return f
+    r = resolve_same(cfg)
+    return {k: getattr(r, k) for k in ROLE_FORMAT_FIELDS}
+
+
+def quantizer_kind(cfg: RecipeConfig) -> QuantizerKind:
+    """The table entry of ``recipe.quantizer`` (ConfigError if the quantized recipe has none)."""
+    kind = QUANTIZER_KINDS.get(cfg.quantizer)
+    if kind is None:
+        raise config_error("quantizer", cfg.quantizer, f"use one of {', '.join(QUANTIZER_KINDS)}")
+    return kind
+
+
+def _kinds_with(flag: str) -> str:
+    return " and ".join(k for k, v in QUANTIZER_KINDS.items() if getattr(v, flag))
 
 
 def resolve_compile(value: str, device: str | None) -> bool:
@@ -48,7 +50,7 @@ def config_error(key: str, value: object, fix: str) -> ConfigError:
     return ConfigError(f"recipe.{key}", value, fix)
 
 
-def _check_formats(cfg: RecipeConfig) -> None:
+def _check_formats(cfg: RecipeConfig, kind: QuantizerKind) -> None:
     formats = role_formats(cfg)
     if all(v is None for v in formats.values()):
         raise config_error(
@@ -57,15 +59,14 @@ def _check_formats(cfg: RecipeConfig) -> None:
     for key, fmt in formats.items():
         if fmt is None:
             continue
-        te_role = _ROLE_FIELDS[key]
-        if cfg.quantizer == "mx" and fmt not in FORMATS:
+        if kind.family == "mx" and fmt not in FORMATS:
             raise config_error(
                 key, fmt, f"unknown MX element format; use one of {', '.join(FORMATS)} or null"
             )
-        if cfg.quantizer == "nvfp4" and fmt != "fp4_e2m1":
+        if kind.family == "nvfp4" and fmt != "fp4_e2m1":
             raise config_error(key, fmt, "NVFP4 elements are fp4_e2m1 (or null for high precision)")
-        if cfg.quantizer.startswith("fp8_"):
-            want = _FP8_NAMES[format_for_role(cfg.fp8_format, te_role).name]
+        if kind.family == "fp8":
+            want = format_for_role(cfg.fp8_format, _TE_ROLES[key]).element
             if fmt != want:
                 raise config_error(
                     key,
@@ -74,18 +75,17 @@ def _check_formats(cfg: RecipeConfig) -> None:
                 )
 
 
-def _check_numbers(cfg: RecipeConfig) -> None:
+def _check_numbers(cfg: RecipeConfig, kind: QuantizerKind) -> None:
+    resolved = resolve_same(cfg)
     for key in ("rounding", "grad_rounding"):
-        val = getattr(cfg, key)
-        if key == "grad_rounding" and val == SAME:
-            continue
+        val = getattr(resolved, key)
         if val not in ROUNDINGS:
             raise config_error(
                 key,
                 val,
                 f"use one of {', '.join(ROUNDINGS)}" + (" or same" if key == "grad_rounding" else ""),
             )
-        if cfg.quantizer.startswith("fp8_") and val != "nearest_even":
+        if kind.family == "fp8" and val != "nearest_even":
             raise config_error(key, val, "FP8 casts round to nearest-even only; use nearest_even")
     if cfg.scale_rule not in SCALE_RULES:
         raise config_error("scale_rule", cfg.scale_rule, f"use one of {', '.join(SCALE_RULES)}")
@@ -109,19 +109,21 @@ def _check_numbers(cfg: RecipeConfig) -> None:
             re.compile(pat)
         except re.error as e:
             raise config_error("skip_modules", pat, f"not a valid regex ({e})") from None
-    if cfg.weight_2d_blocks and cfg.quantizer not in ("nvfp4", "fp8_block"):
+    if cfg.weight_2d_blocks and not kind.tiles:
         raise config_error(
-            "weight_2d_blocks", True, "2-D weight tiles exist for quantizer nvfp4 and fp8_block only"
+            "weight_2d_blocks", True, f"2-D weight tiles exist for quantizer {_kinds_with('tiles')} only"
         )
-    if cfg.wgrad_hadamard and cfg.quantizer != "nvfp4":
+    if cfg.wgrad_hadamard and not kind.hadamard:
         raise config_error(
-            "wgrad_hadamard", True, "the wgrad Hadamard transform is part of the nvfp4 quantizer only"
+            "wgrad_hadamard",
+            True,
+            f"the wgrad Hadamard transform is part of the {_kinds_with('hadamard')} quantizer only",
         )
 
 
-def _check_block_size(cfg: RecipeConfig) -> None:
+def _check_block_size(cfg: RecipeConfig, kind: QuantizerKind) -> None:
     b = cfg.block_size
-    if cfg.quantizer not in BLOCKED_QUANTIZERS:
+    if not kind.blocked:
         if b != 0:
             raise config_error(
                 "block_size", b, f"quantizer {cfg.quantizer} has no blocks; set recipe.block_size=0"
@@ -131,12 +133,13 @@ def _check_block_size(cfg: RecipeConfig) -> None:
         raise config_error(
             "block_size", b, "must be a power of two from 2 to 256 (MX: 32, NVFP4: 16, FP8 block: 128)"
         )
-    if cfg.quantizer == "nvfp4" and b != 16:
-        raise config_error("block_size", b, "NVFP4 blocks are 16 elements; set recipe.block_size=16")
+    if kind.block_size and b != kind.block_size:
+        n, q = kind.block_size, cfg.quantizer.upper()
+        raise config_error("block_size", b, f"{q} blocks are {n} elements; set recipe.block_size={n}")
 
 
 def check_recipe_config(cfg: RecipeConfig) -> None:
-    """Model-independent checks of an emulated recipe's settings (ConfigError on failure)."""
+    """Model-independent checks of a quantized recipe's settings (ConfigError on failure)."""
     if cfg.backend not in ("auto", "emulated"):
         raise config_error(
             "backend",
@@ -144,8 +147,7 @@ def check_recipe_config(cfg: RecipeConfig) -> None:
             "not implemented in this version: hardware backends (te, torch) need CUDA + transformer_engine "
             "or torchao kernels; use recipe.backend=emulated (or auto)",
         )
-    if cfg.quantizer not in QUANTIZERS or cfg.quantizer == "none":
-        raise config_error("quantizer", cfg.quantizer, f"use one of {', '.join(QUANTIZERS[1:])}")
-    _check_numbers(cfg)
-    _check_formats(cfg)
-    _check_block_size(cfg)
+    kind = quantizer_kind(cfg)
+    _check_numbers(cfg, kind)
+    _check_formats(cfg, kind)
+    _check_block_size(cfg, kind)

@@ -1,4 +1,5 @@
-"""Plain-precision recipes: fp32, bf16, fp16. Nothing is quantized below the engine dtype.
+"""The plain-precision recipe (kind ``recipe.quantizer: none``): fp32, bf16 or fp16 by
+``recipe.precision``. Nothing is quantized below the engine dtype.
 
 Numerics (all three run every GEMM through torch in the engine dtype):
 
@@ -24,14 +25,31 @@ DeepSpeed's loss scaler, BF16/FP32 overflow to Inf as IEEE specifies.
 
 from __future__ import annotations
 
-from recipes.base import Recipe, register_recipe
+from torch import nn
+
+from recipes.base import Recipe, known_kinds, register_recipe
+from recipes.config import ROLE_FORMAT_FIELDS, resolve_same
+from recipes.errors import ConfigError
 
 
-@register_recipe("fp32", "bf16", "fp16")
-class PrecisionRecipe(Recipe):
+@register_recipe("none")
+class PlainRecipe(Recipe):
     """Engine precision only; every Linear stays a plain ``nn.Linear``."""
 
     backends = ("native",)
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse a set ``*_format``: under ``quantizer: none`` it would be silently ignored."""
+        cfg = resolve_same(self.cfg)
+        for key in ROLE_FORMAT_FIELDS:
+            if getattr(cfg, key) is not None:
+                kinds = ", ".join(k for k in known_kinds() if k != "none")
+                raise ConfigError(
+                    "recipe.quantizer",
+                    "none",
+                    f"quantizes nothing, but recipe.{key}={getattr(cfg, key)}; "
+                    f"use one of: {kinds} (or set recipe.{key}=null)",
+                )
 
     def grad_format(self) -> None:
         return None  # nothing below the engine dtype

@@ -1,4 +1,8 @@
-"""Emulated quantized-training recipes: MX, NVFP4 and FP8 twins, run as fake quantization.
+"""The quantized-GEMM recipe: MX, NVFP4 and FP8 twins, emulated as fake quantization.
+
+Kinds (``recipe.quantizer``): every entry of ``recipes.quantizers.QUANTIZER_KINDS``
+(mx, nvfp4, fp8_delayed, fp8_current, fp8_rowwise, fp8_block); the one backend
+today is ``emulated`` (any device).
 
 Numerics
 --------
@@ -81,40 +85,26 @@ import torch
 from torch import nn
 
 from recipes.base import ConversionReport, Recipe, iter_linears, register_recipe
-from recipes.config import SAME, RecipeConfig
-from recipes.emulated_checks import (
-    BLOCKED_QUANTIZERS,
+from recipes.config import ELEMENT_GEMM_FAMILY, RecipeConfig, resolve_same
+from recipes.filter import FilterDecision, num_blocks, select_modules
+from recipes.fp8 import DelayedScaling, DelayedScalingState
+from recipes.mx.nvfp4 import hadamard_tokens
+from recipes.numerics import FormatSpec, get_spec, mx_format_name
+from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear
+from recipes.quantized_checks import (
     check_recipe_config,
     config_error,
+    quantizer_kind,
     resolve_compile,
     role_formats,
 )
-from recipes.filter import num_blocks, select_modules
-from recipes.fp8 import DelayedScaling, DelayedScalingState, format_for_role
-from recipes.numerics import ELEMENT_GEMM_FAMILY, FormatSpec, get_spec, mx_format_name
-from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear
-from recipes.quantizers import (
-    FP8BlockRole,
-    FP8CurrentRole,
-    FP8DelayedRole,
-    FP8RowwiseRole,
-    MXRole,
-    NVFP4Role,
-    RoleQuantizer,
-    SRGenerator,
-    hadamard_tokens,
-)
+from recipes.quantizers import QUANTIZER_KINDS, RoleQuantizer, RoleRequest, SRGenerator
 
-__all__ = ["EMULATED_RECIPES", "EmulatedRecipe", "check_recipe_config"]
-
-EMULATED_RECIPES = (
-    "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8", "mx_paper_w4a6",
-    "mxfp8", "nvfp4", "fp8_delayed", "fp8_current", "fp8_block", "fp8_rowwise",
-)  # fmt: skip
+__all__ = ["QuantizedRecipe", "check_recipe_config"]
 
 
-@register_recipe(*EMULATED_RECIPES)
-class EmulatedRecipe(Recipe):
+@register_recipe(*QUANTIZER_KINDS)
+class QuantizedRecipe(Recipe):
     """Fake-quantized GEMM operands on the BF16 engine (module docstring)."""
 
     backends = ("emulated",)
@@ -124,7 +114,8 @@ class EmulatedRecipe(Recipe):
         self.device: str | None = None
         self.sr = SRGenerator()
         self.delayed: DelayedScalingState | None = None
-        if cfg.quantizer == "fp8_delayed":
+        kind = QUANTIZER_KINDS.get(cfg.quantizer)  # an unknown one is refused by check()
+        if kind is not None and kind.delayed:
             self.delayed = DelayedScalingState(
                 DelayedScaling(
                     fp8_format=cfg.fp8_format.upper(),
@@ -152,7 +143,7 @@ class EmulatedRecipe(Recipe):
         """Settings, then block size vs every converted layer's reduction dims."""
         cfg = self.cfg
         check_recipe_config(cfg)
-        if cfg.quantizer not in BLOCKED_QUANTIZERS:
+        if not quantizer_kind(cfg).blocked:
             return
         f = role_formats(cfg)
         fwd = f["input_format"] is not None or f["weight_format"] is not None
@@ -173,7 +164,7 @@ class EmulatedRecipe(Recipe):
                     )
         if cfg.quantize_attention:
             for name, attn in self._attention_modules(model):
-                if attn.head_dim % cfg.block_size:
+                if int(attn.head_dim) % cfg.block_size:  # type: ignore[arg-type]  # an int attribute of a Module
                     raise config_error(
                         "block_size",
                         cfg.block_size,
@@ -198,7 +189,9 @@ class EmulatedRecipe(Recipe):
                     attn.core = QuantAttentionCore(self._matmul_quantizers(f"{core}.qk"),
                                                    self._matmul_quantizers(f"{core}.pv"), name=core)  # fmt: skip
                     self.attention.append(core)
-        self.report = ConversionReport(converted=list(decision.converted), kept=list(decision.kept))
+        self.report = ConversionReport(
+            converted=list(decision.converted), kept=list(decision.kept), reasons=dict(decision.reasons)
+        )
         return self.report
 
     def grad_format(self) -> FormatSpec | None:
@@ -210,20 +203,21 @@ class EmulatedRecipe(Recipe):
         fmt = role_formats(cfg)["grad_output_format"]
         if fmt is None:
             return None
-        if cfg.quantizer == "mx":
+        family = quantizer_kind(cfg).family
+        if family == "mx":
             spec = get_spec(mx_format_name(fmt))
             return dataclasses.replace(
                 spec, block_size=cfg.block_size or spec.block_size, scale_rule=cfg.scale_rule
             )
-        if cfg.quantizer == "nvfp4":
+        if family == "nvfp4":
             return get_spec("nvfp4")
         return get_spec(fmt)  # FP8 kinds: fp8_e4m3 | fp8_e5m2, checked against fp8_format
 
     def gemm_family(self) -> str:
         """The rate class of the forward GEMM: its input operand's element format (an emulated
         recipe still runs its GEMMs in BF16 today; this names the format whose peak it models)."""
-        fmt = role_formats(self.cfg)["input_format"] or role_formats(self.cfg)["weight_format"]
-        if self.cfg.quantizer == "nvfp4":
+        fmt = self.cfg.input_format or self.cfg.weight_format
+        if quantizer_kind(self.cfg).family == "nvfp4":
             return "fp4"
         return ELEMENT_GEMM_FAMILY.get(fmt or "", self.precision)
 
@@ -272,10 +266,10 @@ class EmulatedRecipe(Recipe):
         return d
 
     # ------------------------------------------------------------------ helpers
-    def _select(self, model: nn.Module):
+    def _select(self, model: nn.Module) -> FilterDecision:
         return self._select_names([n for n, _ in iter_linears(model)], model)
 
-    def _select_names(self, names: list[str], model: nn.Module):
+    def _select_names(self, names: list[str], model: nn.Module) -> FilterDecision:
         total = num_blocks(n for n, _ in model.named_modules())
         return select_modules(
             names,
@@ -294,31 +288,15 @@ class EmulatedRecipe(Recipe):
             if isinstance(getattr(m, "core", None), nn.Module) and hasattr(m, "head_dim")
         ]
 
-    def _role(self, fmt: str | None, *, tensor: str, grad: bool, two_d: bool = False) -> RoleQuantizer | None:
-        """The quantizer of one operand; ``tensor`` = ``"<layer>/<role>"`` (delayed-scaling key)."""
+    def _role(
+        self, fmt: str | None, *, tensor: str, grad: bool = False, two_d: bool = False
+    ) -> RoleQuantizer | None:
+        """The quantizer of one operand (its kind's factory); ``tensor`` = ``"<layer>/<role>"``."""
         if fmt is None:
             return None
-        cfg = self.cfg
-        rounding = cfg.grad_rounding if grad and cfg.grad_rounding != SAME else cfg.rounding
-        q = cfg.quantizer
-        if q == "mx":
-            return MXRole(fmt, cfg.block_size, rounding, cfg.scale_rule, compile=self.compile, sr=self.sr)
-        if q == "nvfp4":
-            return NVFP4Role(rounding, two_d=two_d, sr=self.sr, compile=self.compile)
-        fp8 = format_for_role(cfg.fp8_format, tensor.rsplit("/", 1)[1])
-        if q == "fp8_current":
-            return FP8CurrentRole(fp8, cfg.power_2_scales, cfg.amax_epsilon, compile=self.compile)
-        if q == "fp8_delayed":
-            assert self.delayed is not None
-            self.delayed.register(tensor)
-            return FP8DelayedRole(self.delayed, tensor, compile=self.compile)
-        if q == "fp8_rowwise":
-            return FP8RowwiseRole(fp8, cfg.power_2_scales, cfg.amax_epsilon, compile=self.compile)
-        if q == "fp8_block":
-            return FP8BlockRole(
-                fp8, cfg.block_size, two_d, cfg.power_2_scales, cfg.amax_epsilon, compile=self.compile
-            )
-        raise AssertionError(q)
+        req = RoleRequest(resolve_same(self.cfg), fmt, tensor, grad=grad, two_d=two_d,
+                          compile=self.compile, sr=self.sr, delayed=self.delayed)  # fmt: skip
+        return quantizer_kind(self.cfg).make(req)
 
     def _linear_quantizers(self, name: str) -> LinearQuantizers:
         """Per-layer quantizers; pure ones (no state, no randomness) are built once and shared,
@@ -328,39 +306,35 @@ class EmulatedRecipe(Recipe):
         qs = self._build_linear_quantizers(name)
         if qs.pure:
             if self.compile:  # the bodies are compiled whole; the roles inside run uncompiled
-                roles = (None if r is None else dataclasses.replace(r, compile=False) for r in qs.roles)
-                qs = LinearQuantizers(*roles, compile=True)
+                qs = dataclasses.replace(
+                    qs, input=_eager(qs.input), weight=_eager(qs.weight), grad_output=_eager(qs.grad_output),
+                    weight_dgrad=_eager(qs.weight_dgrad), input_wgrad=_eager(qs.input_wgrad), compile=True,
+                )  # fmt: skip
             self._shared = qs
         return qs
 
     def _build_linear_quantizers(self, name: str) -> LinearQuantizers:
+        """A dgrad / wgrad copy in the forward role's format shares that role's quantizer."""
         f, two_d = role_formats(self.cfg), self.cfg.weight_2d_blocks
-        inp = self._role(f["input_format"], tensor=f"{name}/input", grad=False)
-        w = self._role(f["weight_format"], tensor=f"{name}/weight", grad=False, two_d=two_d)
+        inp = self._role(f["input_format"], tensor=f"{name}/input")
+        w = self._role(f["weight_format"], tensor=f"{name}/weight", two_d=two_d)
         g = self._role(f["grad_output_format"], tensor=f"{name}/grad_output", grad=True)
-        wd = (
-            w
-            if f["weight_dgrad_format"] == f["weight_format"]
-            else self._role(f["weight_dgrad_format"], tensor=f"{name}/weight", grad=False, two_d=two_d)
-        )
-        xw = (
-            inp
-            if f["input_wgrad_format"] == f["input_format"]
-            else self._role(f["input_wgrad_format"], tensor=f"{name}/input", grad=False)
-        )
+        wd_fmt, xw_fmt = f["weight_dgrad_format"], f["input_wgrad_format"]
+        wd = w if wd_fmt == f["weight_format"] else self._role(wd_fmt, tensor=f"{name}/weight", two_d=two_d)
+        xw = inp if xw_fmt == f["input_format"] else self._role(xw_fmt, tensor=f"{name}/input")
         return LinearQuantizers(inp, w, g, wd, xw, hadamard_tokens if self.cfg.wgrad_hadamard else None)
 
     def _matmul_quantizers(self, name: str) -> MatmulQuantizers:
         """QK^T / PV: both operands in input_format, dY in grad_output_format, backward copies in input_wgrad_format."""
         f = role_formats(self.cfg)
-        a = self._role(f["input_format"], tensor=f"{name}.a/input", grad=False)
-        b = self._role(f["input_format"], tensor=f"{name}.b/input", grad=False)
+        a = self._role(f["input_format"], tensor=f"{name}.a/input")
+        b = self._role(f["input_format"], tensor=f"{name}.b/input")
         g = self._role(f["grad_output_format"], tensor=f"{name}/grad_output", grad=True)
         if f["input_wgrad_format"] == f["input_format"]:
             a_bwd, b_bwd = a, b
         else:
-            a_bwd = self._role(f["input_wgrad_format"], tensor=f"{name}.a/input", grad=False)
-            b_bwd = self._role(f["input_wgrad_format"], tensor=f"{name}.b/input", grad=False)
+            a_bwd = self._role(f["input_wgrad_format"], tensor=f"{name}.a/input")
+            b_bwd = self._role(f["input_wgrad_format"], tensor=f"{name}.b/input")
         return MatmulQuantizers(a, b, g, a_bwd, b_bwd)
 
 
@@ -376,3 +350,8 @@ def _amax_allreduce() -> Callable[[torch.Tensor], Any] | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return None
+
+
+def _eager(role: RoleQuantizer | None) -> RoleQuantizer | None:
+    """The same role quantizer, not compiled on its own (a compiled body traces it)."""
+    return None if role is None else dataclasses.replace(role, compile=False)  # type: ignore[type-var]

@@ -1,0 +1,45 @@
+"""The benches and scripts run as modules from the checkout root (no sys.path edits).
+
+Smoke only: the overhead ratio must parse, its value is not checked (timing is the
+owner's measurement on a quiet machine, not a test)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+TABLE_HEADER = "| recipe | lowbit s | plain s | ratio (median) | spread | rounds |"
+
+
+def run_module(*args: str, timeout: int = 120) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_overhead_bench_prints_the_table():
+    out = run_module("bench.overhead", "--steps", "3", "--reps", "1", "--warmup", "0", "--recipes", "fp32")
+    lines = out.strip().splitlines()
+    assert TABLE_HEADER in lines, out[-2000:]
+    row = lines[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "fp32" and cells[-1] == "1", row
+    lowbit_s, plain_s, ratio = (float(c) for c in cells[1:4])
+    assert lowbit_s > 0 and plain_s > 0 and ratio > 0, row
+
+
+def test_update_golden_lists_without_running():
+    out = run_module("scripts.update_golden", "--list", timeout=60)
+    names = [line.split(":", 1)[0] for line in out.strip().splitlines()]
+    assert "tiny_fp32" in names and "tiny_bf16" in names, out
+
+
+def test_stats_overhead_bench_runs():
+    out = run_module("bench.stats_overhead", "--steps", "3", "--reps", "1", "--warmup", "0", "--every", "3")
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("stats overhead ratio: "), out[-2000:]
+    assert float(last.split(": ", 1)[1].split("x", 1)[0]) > 0, last

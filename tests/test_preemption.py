@@ -36,6 +36,17 @@ def wait_for_step(path, step: int, *, proc: subprocess.Popen, timeout: float = 1
     raise AssertionError(f"no step {step} in {path} after {timeout} s")
 
 
+def assert_preempted(proc: subprocess.Popen, run_dir, *, signalled_after: int, max_steps: int) -> int:
+    """The signalled trainer exited 0 after a checkpoint at the step it stopped at; returns that step."""
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preemption signal" in out
+    stopped_at = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
+    assert signalled_after <= stopped_at < max_steps
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:07d}"
+    return stopped_at
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_checkpoints_then_resume_matches_uninterrupted(sig, tmp_path):
     ref = run_lowbit(ARGS, run_dir=tmp_path / "ref")
@@ -52,12 +63,7 @@ def test_signal_checkpoints_then_resume_matches_uninterrupted(sig, tmp_path):
     )
     wait_for_step(run_dir / "metrics.jsonl", 8, proc=proc)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    assert "preemption signal" in out
-    stopped_at = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
-    assert 8 <= stopped_at < 40
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:07d}"
+    stopped_at = assert_preempted(proc, run_dir, signalled_after=8, max_steps=40)
     assert not (run_dir / "summary.json").exists()
 
     resumed = run_lowbit(ARGS, run_dir=run_dir)  # trainer.resume=auto is the default
@@ -114,12 +120,7 @@ def test_signal_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
     workers = _worker_pids(proc.pid)
     assert sorted(workers) == [0, 1], workers
     os.kill(workers[1], signal.SIGUSR1)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    assert "preemption signal" in out
-    stopped_at = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
-    assert 6 <= stopped_at < 30
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:07d}"
+    assert_preempted(proc, run_dir, signalled_after=6, max_steps=30)
     resumed = run_lowbit(args, run_dir=run_dir, launcher=torchrun)
     assert [m["step"] for m in resumed.metrics] == list(range(1, 31))
     assert resumed.losses() == ref.losses()

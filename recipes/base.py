@@ -11,7 +11,8 @@ A recipe is a small object built from a ``RecipeConfig``:
 * ``grad_format`` / ``gemm_family`` answer what the trainer would otherwise guess
   from strings: the format of dY (for gradient statistics) and the GEMM rate
   class (for the format-peak MFU);
-* ``on_optimizer_step`` updates per-step state (e.g. delayed-scaling amaxes);
+* ``on_micro_batch`` / ``on_optimizer_step`` update per-micro-batch / per-step state (e.g.
+  delayed-scaling amax histories);
 * ``state_dict`` / ``load_state_dict`` carry that state through checkpoints;
 * ``describe()``      a dict for the run config and W&B.
 
@@ -137,6 +138,10 @@ class Recipe:
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
+    def on_micro_batch(self) -> None:
+        """After each micro-batch's backward (e.g. TE-cadence delayed-scaling updates)."""
+        return None
+
     def on_optimizer_step(self) -> None:
         return None
 
@@ -152,10 +157,16 @@ class Recipe:
         """Restore what :meth:`state_dict` returned (an empty dict is a no-op)."""
         return None
 
+    @property
+    def gemm_impl(self) -> str:
+        """What runs the converted GEMMs (``resolved.recipe.gemm_impl``)."""
+        return f"torch matmuls in {self.precision} (no converted GEMM)"
+
     def describe(self) -> dict[str, Any]:
         return {
             "config": asdict(self.cfg),
             "resolved_backend": self.backend,
+            "gemm_impl": self.gemm_impl,
             "conversion": self.report.summary(),
             "converted": list(self.report.converted),
             "kept": list(self.report.kept),

@@ -109,6 +109,23 @@ class RecipeConfig:
     """Also quantize the attention matmuls QK^T and PV (input/grad formats)."""
     compile: str = "auto"
     """torch.compile the quantizers: auto (on for CUDA only) | true | false. Same bits."""
+    # ---- hardware backends (recipe.backend=torch | te)
+    amax_update: str = "step"
+    """Delayed scaling: when the amax histories roll and the scales update. ``step``: once per
+    optimizer step, micro-batches max-combine into one slot (lowbit's default); ``microbatch``:
+    after every micro-batch's backward, as TE does at each autocast exit."""
+    fast_accum_forward: bool = True
+    """backend=torch: ``use_fast_accum`` of the forward GEMM's scaled matmul (Hopper's reduced-
+    precision FP8 accumulation; torchao's default: on for the output GEMM)."""
+    fast_accum_dgrad: bool = False
+    """backend=torch: ``use_fast_accum`` of the dgrad GEMM (torchao: off)."""
+    fast_accum_wgrad: bool = False
+    """backend=torch: ``use_fast_accum`` of the wgrad GEMM (torchao: off)."""
+    te_fuse_layernorm: bool = False
+    """backend=te: fuse each block's pre-norm into the Linear it feeds (TE ``LayerNormLinear`` for
+    norm1 -> attn.qkv, ``LayerNormMLP`` for norm2 -> mlp) where both layers convert."""
+    te_allow_offload: bool = False
+    """backend=te: allow ZeRO CPU offload with TE modules (unverified upstream; refused unless set)."""
 
 
 def resolve_same(cfg: RecipeConfig) -> RecipeConfig:

@@ -1,8 +1,10 @@
-"""The quantized-GEMM recipe: MX, NVFP4 and FP8 twins, emulated as fake quantization.
+"""The quantized-GEMM recipe: MX, NVFP4 and FP8, emulated or on real FP8 GEMMs.
 
-Kinds (``recipe.quantizer``): every entry of ``recipes.quantizers.QUANTIZER_KINDS``
-(mx, nvfp4, fp8_delayed, fp8_current, fp8_rowwise, fp8_block); the one backend
-today is ``emulated`` (any device).
+Kinds (``recipe.quantizer``): every entry of ``recipes.quantizers.QUANTIZER_KINDS``. Backends
+(``recipes.backends``): ``emulated`` (any device, fake quantization: the numerics below),
+``torch`` (the FP8 kinds' GEMMs as real FP8 scaled matmuls, ``recipes.scaled_linear``: the same
+quantized operands, the scale applied to the accumulator) and ``te`` (Transformer Engine modules,
+``recipes.te_backend``).
 
 Numerics
 --------
@@ -52,7 +54,8 @@ Scale granularity and rule, per ``recipe.quantizer``:
 * ``fp8_delayed``: one FP32 scale per tensor from the max of an
   ``amax_history_len``-step history of *earlier* steps,
   ``(fp8_max / amax) / 2^margin`` (TE ``DelayedScaling``); histories are
-  updated once per optimizer step and amax-reduced (MAX) across data-parallel
+  updated once per optimizer step (``recipe.amax_update: microbatch``: after
+  every micro-batch, TE's cadence) and amax-reduced (MAX) across data-parallel
   ranks; evaluation forwards do not record amaxes.
 * ``fp8_rowwise``: one scale per row along the reduction dim, power-of-2,
   amax floor 1e-12 (torchao ``rowwise``).
@@ -60,23 +63,20 @@ Scale granularity and rule, per ``recipe.quantizer``:
   reduction dim and ``block_size``-square weight tiles, power-of-2 FP32 scales
   (TE ``Float8BlockScaling``).
 
-FP8 elements are E4M3 (max 448) for x and W and, under ``fp8_format: HYBRID``,
-E5M2 (max 57344) for dY; casts are round-to-nearest-even and saturating
-(``recipes.fp8``).
+FP8 elements are E4M3 (max 448) for x and W and, under ``fp8_format: HYBRID``, E5M2 (max
+57344) for dY; casts are round-to-nearest-even and saturating (``recipes.fp8``).
 
-``recipe.compile`` (auto = on for CUDA only) runs the same functions under
-``torch.compile``: whole forward/backward GEMM bodies for pure quantizers
-(MX, NVFP4 and FP8 current/rowwise/block without stochastic rounding), the
-pure parts of each quantizer otherwise (delayed scaling, stochastic
-rounding). The bits are identical to eager.
+``recipe.compile`` (auto = on for CUDA only) runs the same functions under ``torch.compile``:
+whole forward/backward GEMM bodies for pure quantizers (MX, NVFP4 and FP8 current/rowwise/block
+without stochastic rounding), the pure parts of each quantizer otherwise. Same bits as eager.
 
-Not emulated: TE's FP8 storage of weights and activations
-between ops, its fused kernels' exact FP32 accumulation order, and FP8
-attention scales (``fp8_dpa``).
+Not emulated: TE's FP8 storage of weights and activations between ops, its fused kernels'
+FP32 accumulation order, and FP8 attention scales (``fp8_dpa``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -84,10 +84,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from recipes import backends
 from recipes.base import ConversionReport, Recipe, iter_linears, register_recipe
 from recipes.config import ELEMENT_GEMM_FAMILY, RecipeConfig, resolve_same
 from recipes.filter import FilterDecision, num_blocks, select_modules
 from recipes.fp8 import DelayedScaling, DelayedScalingState
+from recipes.fp8.gemm import check_dims
 from recipes.mx.nvfp4 import hadamard_tokens
 from recipes.numerics import FormatSpec, get_spec, mx_format_name
 from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear
@@ -99,15 +101,16 @@ from recipes.quantized_checks import (
     role_formats,
 )
 from recipes.quantizers import QUANTIZER_KINDS, RoleQuantizer, RoleRequest, SRGenerator
+from recipes.scaled_linear import CastEpoch, ScaledGemms, ScaledLinear
 
 __all__ = ["QuantizedRecipe", "check_recipe_config"]
 
 
 @register_recipe(*QUANTIZER_KINDS)
 class QuantizedRecipe(Recipe):
-    """Fake-quantized GEMM operands on the BF16 engine (module docstring)."""
+    """Quantized GEMM operands on the BF16 engine (module docstring)."""
 
-    backends = ("emulated",)
+    backends = ("te", "torch", "emulated")
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__(cfg)
@@ -128,12 +131,22 @@ class QuantizedRecipe(Recipe):
         self.roles: dict[str, str] = {}
         self._shared: LinearQuantizers | None = None
         self.num_attention = 0
+        self.cast_epoch = CastEpoch()
+        self._te: backends.TEModules | None = None  # backend te
 
     # ------------------------------------------------------------------ protocol
     def resolve_backend(self, device: str) -> tuple[str, str | None]:
+        """``recipes.backends.resolve``: auto picks te, then torch (CUDA), then emulated."""
         check_recipe_config(self.cfg)
         self.device = device
-        return super().resolve_backend(device)
+        return backends.resolve(self.cfg, device)
+
+    @property
+    def gemm_impl(self) -> str:
+        """What runs the converted GEMMs (``resolved.recipe.gemm_impl``)."""
+        if self.backend is None or self.device is None:
+            return "unresolved"
+        return backends.gemm_impl(self.backend, self.cfg, self.device)
 
     @property
     def compile(self) -> bool:
@@ -143,13 +156,21 @@ class QuantizedRecipe(Recipe):
         """Settings, then block size vs every converted layer's reduction dims."""
         cfg = self.cfg
         check_recipe_config(cfg)
+        if self.backend == "torch" and self.device is not None:
+            linears = dict(iter_linears(model))
+            for name in self.select(model).converted:
+                lin = linears[name]
+                dims = {f"{name}.in_features": lin.in_features, f"{name}.out_features": lin.out_features}
+                if why := check_dims(self.device, dims):
+                    raise config_error("backend", "torch", f"{why}; keep {name} in high precision via "
+                                       "recipe.skip_modules, or use recipe.backend=emulated")  # fmt: skip
         if not quantizer_kind(cfg).blocked:
             return
         f = role_formats(cfg)
         fwd = f["input_format"] is not None or f["weight_format"] is not None
         dgrad = f["grad_output_format"] is not None or f["weight_dgrad_format"] is not None
         linears = dict(iter_linears(model))
-        for name in self._select(model).converted:
+        for name in self.select(model).converted:
             lin = linears[name]
             for on, dim, what in (
                 (fwd, lin.in_features, "in_features"),
@@ -174,9 +195,17 @@ class QuantizedRecipe(Recipe):
 
     def convert(self, model: nn.Module) -> ConversionReport:
         self.check(model)
-        decision = self._select(model)
+        decision = self.select(model)
         linears = dict(iter_linears(model))
-        for name in decision.converted:
+        if self.backend == "te":
+            self._te = backends.TEModules.convert(model, list(decision.converted), self.cfg)
+            self.roles = {"te": self._te.describe()}
+        for name in decision.converted if self.backend != "te" else ():
+            if self.backend == "torch":
+                gemms = self._scaled_gemms(name)
+                _set_submodule(model, name, ScaledLinear.from_linear(linears[name], gemms, name=name))
+                self.roles = gemms.describe()
+                continue
             qs = self._linear_quantizers(name)
             _set_submodule(model, name, QuantLinear.from_linear(linears[name], qs, name=name))
             self.roles = qs.describe()
@@ -221,23 +250,24 @@ class QuantizedRecipe(Recipe):
             return "fp4"
         return ELEMENT_GEMM_FAMILY.get(fmt or "", self.precision)
 
-    def on_optimizer_step(self) -> None:
-        if self.delayed is not None:
+    def on_micro_batch(self) -> None:
+        """``recipe.amax_update=microbatch``: update the delayed scales after each backward (TE)."""
+        if self.delayed is not None and self.cfg.amax_update == "microbatch":
             self.delayed.step(_amax_allreduce())
+            self.cast_epoch.advance()
+
+    def on_optimizer_step(self) -> None:
+        if self.delayed is not None and self.cfg.amax_update == "step":
+            self.delayed.step(_amax_allreduce())
+        self.cast_epoch.advance()  # the weights changed: cached weight casts are stale
+
+    def forward_context(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self._te is None else self._te.autocast()
 
     def telemetry(self) -> dict[str, float]:
-        """``fp8/<layer>/<role>/scale`` and ``.../amax`` (the newest completed amax and the max over
-        the history window) for delayed-scaling recipes; logged on stat steps. One host sync."""
-        if self.delayed is None or not self.delayed.names:
-            return {}
-        hist = self.delayed.amax_history.float()
-        vals = torch.stack([self.delayed.scales.float(), hist[-1], hist.amax(dim=0)], dim=1).tolist()
-        out: dict[str, float] = {}
-        for name, (scale, recent, window) in zip(self.delayed.names, vals):
-            out[f"fp8/{name}/scale"] = scale
-            out[f"fp8/{name}/amax"] = recent
-            out[f"fp8/{name}/amax_history_max"] = window
-        return out
+        """Delayed scaling: ``fp8/<layer>/<role>/scale``, ``.../amax``, ``.../amax_history_max`` and,
+        with several ranks, ``fp8/rank_scale_spread`` (``DelayedScalingState.metrics``)."""
+        return {} if self.delayed is None else self.delayed.metrics(prefix="fp8/")
 
     def state_dict(self) -> dict[str, Any]:
         """Delayed-scaling histories/scales and the stochastic-rounding generator states."""
@@ -266,7 +296,8 @@ class QuantizedRecipe(Recipe):
         return d
 
     # ------------------------------------------------------------------ helpers
-    def _select(self, model: nn.Module) -> FilterDecision:
+    def select(self, model: nn.Module) -> FilterDecision:
+        """Which Linear layers convert (``recipe.skip_modules``, ``keep_*_blocks``)."""
         return self._select_names([n for n, _ in iter_linears(model)], model)
 
     def _select_names(self, names: list[str], model: nn.Module) -> FilterDecision:
@@ -323,6 +354,17 @@ class QuantizedRecipe(Recipe):
         wd = w if wd_fmt == f["weight_format"] else self._role(wd_fmt, tensor=f"{name}/weight", two_d=two_d)
         xw = inp if xw_fmt == f["input_format"] else self._role(xw_fmt, tensor=f"{name}/input")
         return LinearQuantizers(inp, w, g, wd, xw, hadamard_tokens if self.cfg.wgrad_hadamard else None)
+
+    def _scaled_gemms(self, name: str) -> ScaledGemms:
+        """backend=torch: the same role quantizers, called through ``cast``."""
+        qs = self._build_linear_quantizers(name)
+        roles = (qs.input, qs.weight, qs.grad_output, qs.weight_dgrad, qs.input_wgrad)
+        assert all(r is not None and r.castable for r in roles), (
+            "backends.torch_problem admits castable roles only"
+        )
+        c = self.cfg
+        fast = (c.fast_accum_forward, c.fast_accum_dgrad, c.fast_accum_wgrad)
+        return ScaledGemms(*roles, fast_accum=fast, epoch=self.cast_epoch)  # type: ignore[arg-type]
 
     def _matmul_quantizers(self, name: str) -> MatmulQuantizers:
         """QK^T / PV: both operands in input_format, dY in grad_output_format, backward copies in input_wgrad_format."""

@@ -93,6 +93,15 @@ def _check_numbers(cfg: RecipeConfig, kind: QuantizerKind) -> None:
         raise config_error("fp8_format", cfg.fp8_format, "use E4M3 or HYBRID")
     if cfg.amax_history_len < 1:
         raise config_error("amax_history_len", cfg.amax_history_len, "must be >= 1")
+    if cfg.amax_update not in ("step", "microbatch"):
+        raise config_error(
+            "amax_update", cfg.amax_update, "use step (once per optimizer step) or microbatch (TE)"
+        )
+    if cfg.amax_update != "step" and not kind.delayed:
+        raise config_error(
+            "amax_update", cfg.amax_update, f"only delayed scaling keeps amax histories; quantizer {cfg.quantizer} "
+            "computes its scales from the tensor itself (leave recipe.amax_update=step)",
+        )  # fmt: skip
     if cfg.amax_compute_algo not in ("max", "most_recent"):
         raise config_error("amax_compute_algo", cfg.amax_compute_algo, "use max or most_recent")
     if cfg.margin < 0:
@@ -140,12 +149,9 @@ def _check_block_size(cfg: RecipeConfig, kind: QuantizerKind) -> None:
 
 def check_recipe_config(cfg: RecipeConfig) -> None:
     """Model-independent checks of a quantized recipe's settings (ConfigError on failure)."""
-    if cfg.backend not in ("auto", "emulated"):
+    if cfg.backend not in ("auto", "emulated", "torch", "te"):
         raise config_error(
-            "backend",
-            cfg.backend,
-            "not implemented in this version: hardware backends (te, torch) need CUDA + transformer_engine "
-            "or torchao kernels; use recipe.backend=emulated (or auto)",
+            "backend", cfg.backend, "a quantized recipe runs on auto, emulated, torch (real FP8 GEMMs) or te"
         )
     kind = quantizer_kind(cfg)
     _check_numbers(cfg, kind)

@@ -24,6 +24,9 @@ class              scale granularity and rule                                   
                    weight tiles (TE ``Float8BlockScaling``)
 =================  ==========================================================  ===========
 
+Per-tensor and rowwise FP8 roles also ``cast(x32, axis=...) -> Operand``: the float8 codes and
+FP32 ``1/scale`` a scaled matmul takes (``recipes.scaled_linear``), from the same scale functions.
+
 "axis-free" quantizers give the same result whatever ``axis`` is, so a caller
 may quantize once and use the result in two GEMMs. Stochastic rounding draws
 from an :class:`SRGenerator` owned by the recipe (seeded, per device), so runs
@@ -48,6 +51,9 @@ from recipes.config import RecipeConfig
 from recipes.fp8 import (
     DelayedScalingState,
     FP8Format,
+    cast_to_fp8,
+    cast_to_fp8_rowwise,
+    current_scale,
     format_for_role,
     quantize_fp8,
     quantize_fp8_block_1d,
@@ -56,6 +62,7 @@ from recipes.fp8 import (
     quantize_fp8_rowwise,
 )
 from recipes.fp8 import amax as fp8_amax
+from recipes.fp8.gemm import Operand
 from recipes.mx import quantize_mx, quantize_nvfp4
 from recipes.mx.nvfp4 import quantize_nvfp4_2d
 
@@ -111,6 +118,13 @@ class RoleQuantizer:
 
     def __call__(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
         raise NotImplementedError
+
+    #: has :meth:`cast` (real float8 codes for a scaled matmul)
+    castable: bool = False
+
+    def cast(self, x: torch.Tensor, *, axis: int, training: bool = True) -> Operand:
+        """Float8 codes and the FP32 dequantization scale (0-d, or size 1 along ``axis``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no real-FP8 cast")
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -183,8 +197,19 @@ class FP8CurrentRole(RoleQuantizer):
             power_2_scale=self.power_2_scales, amax_epsilon=self.amax_epsilon,
         )  # fmt: skip
 
+    castable = True
+
+    def cast(self, x: torch.Tensor, *, axis: int, training: bool = True) -> Operand:
+        return Operand(*call_quantizer(_cast_current, self.compile, x, self.fmt, self.power_2_scales,
+                                       self.amax_epsilon))  # fmt: skip
+
     def describe(self) -> str:
         return f"fp8 {self.fmt.name} per-tensor current scale" + (" pow2" if self.power_2_scales else "")
+
+
+def _cast_current(x: torch.Tensor, fmt: FP8Format, power_2: bool, eps: float) -> tuple[torch.Tensor, ...]:
+    """``cast_to_fp8`` with the scale ``quantize_fp8_current`` uses."""
+    return cast_to_fp8(x, fmt, current_scale(x, fmt, power_2_scale=power_2, amax_epsilon=eps))
 
 
 @dataclass(eq=False)
@@ -207,6 +232,19 @@ class FP8DelayedRole(RoleQuantizer):
             st.record_amax(self.name, call_quantizer(fp8_amax, self.compile, x))
         return call_quantizer(quantize_fp8, self.compile, x, st.format(self.name), st.scale(self.name))
 
+    castable = True
+
+    def cast(self, x: torch.Tensor, *, axis: int, training: bool = True) -> Operand:
+        """As :meth:`__call__`, returning the codes and ``1/scale``."""
+        st = self.state
+        if st.device != x.device:
+            st.to(x.device)
+        if training:
+            st.record_amax(self.name, call_quantizer(fp8_amax, self.compile, x))
+        return Operand(
+            *call_quantizer(cast_to_fp8, self.compile, x, st.format(self.name), st.scale(self.name))
+        )
+
     def describe(self) -> str:
         r = self.state.recipe
         return (
@@ -227,6 +265,14 @@ class FP8RowwiseRole(RoleQuantizer):
             quantize_fp8_rowwise, self.compile, x, self.fmt,
             axis=axis, power_2_scales=self.power_2_scales, amax_epsilon=self.amax_epsilon,
         )  # fmt: skip
+
+    castable = True
+
+    def cast(self, x: torch.Tensor, *, axis: int, training: bool = True) -> Operand:
+        return Operand(*call_quantizer(
+            cast_to_fp8_rowwise, self.compile, x, self.fmt,
+            axis=axis, power_2_scales=self.power_2_scales, amax_epsilon=self.amax_epsilon,
+        ))  # fmt: skip
 
     def describe(self) -> str:
         return f"fp8 {self.fmt.name} one scale per row along the reduction dim" + (

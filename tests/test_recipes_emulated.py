@@ -152,12 +152,16 @@ def check_error(cfg: RecipeConfig, model=None) -> ConfigError:
     return e.value
 
 
-@pytest.mark.parametrize("backend", ["te", "torch", "native"])
-def test_hardware_backends_are_refused(backend):
-    e = check_error(preset("fp8_delayed", backend=backend))
-    assert e.key == "recipe.backend" and "not implemented in this version" in e.fix and "CUDA" in e.fix
-    with pytest.raises(ConfigError):
-        get_recipe(preset("fp8_delayed", backend=backend)).resolve_backend("cpu")
+def test_native_backend_is_refused_and_hardware_backends_resolve_per_device():
+    e = check_error(preset("fp8_delayed", backend="native"))
+    assert e.key == "recipe.backend" and "auto, emulated, torch" in e.fix
+    with pytest.raises(ConfigError) as te:
+        get_recipe(preset("fp8_delayed", backend="te")).resolve_backend("cpu")
+    assert te.value.key == "recipe.backend" and "Transformer Engine" in te.value.fix
+    with pytest.raises(ConfigError) as torch_mx:  # the CPU's scaled matmul refuses E8M0 scales
+        get_recipe(preset("mxfp8_e4m3", backend="torch")).resolve_backend("cpu")
+    assert "recipe.backend=emulated" in torch_mx.value.fix
+    assert get_recipe(preset("fp8_delayed", backend="torch")).resolve_backend("cpu") == ("torch", None)
 
 
 @pytest.mark.parametrize("block", [0, 3, 48, 512])

@@ -40,6 +40,7 @@ def test_hardware_backend_is_a_one_line_config_error(tmp_path: Path):
     assert res.proc.returncode == 2, res.proc.stderr
     lines = [line for line in res.proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(
-        "lowbit: config error: recipe.backend=te: not implemented"
+        "lowbit: config error: recipe.backend=te: Transformer Engine needs a CUDA GPU"
     ), lines
+    assert "recipe.backend=emulated" in lines[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,6 +1,6 @@
 """Train a run: ``train_loop`` is the step order, top to bottom.
 
-batch -> forward under the recipe -> backward -> (boundary) observe -> optimizer step
+batch -> forward under the recipe -> backward -> recipe micro-batch hook -> (boundary) observe -> optimizer step
 -> end of step -> evaluate -> log -> checkpoint -> stop?
 
 What the run observes (statistics, the lockstep reference, timing, the metrics row,
@@ -34,6 +34,7 @@ def train_loop(run: Run) -> dict[str, Any]:
             with run.recipe.forward_context():
                 loss = engine(x, y)
             engine.backward(loss)
+            run.recipe.on_micro_batch()  # e.g. TE-cadence (per micro-batch) delayed scales
             if engine.is_gradient_accumulation_boundary():
                 obs.before_optimizer_step(engine)  # grad norm, lockstep gradients, weight stats
             engine.step()  # DeepSpeed steps the optimizer at the boundary only

@@ -40,18 +40,51 @@ def _one_of(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
         raise ConfigError(key, value, f"use one of: {', '.join(choices)}")
 
 
-def check_recipe_on_model(cfg: RunConfig) -> None:
+def check_recipe_on_model(cfg: RunConfig, *, device: str, micro_batch_size: int) -> None:
     """Look the recipe kind up (importing ``recipe.module`` first; an unknown kind or a failed
-    import is a ConfigError), then let the recipe inspect the model's layers (on the meta device: free)."""
+    import is a ConfigError), resolve its backend for ``device`` (an explicit backend that cannot
+    run here is a ConfigError), then let the recipe inspect the model's layers (on the meta
+    device: free)."""
     import torch
 
     from recipes.base import get_recipe
+    from recipes.fp8.gemm import check_dims
     from train.model import GPT
 
     recipe = get_recipe(cfg.recipe)
+    recipe.resolve(device)
     with torch.device("meta"):
         model = GPT(cfg.model.resolve(nominal_vocab_size(cfg.data)))
     recipe.check(model)
+    if recipe.backend == "te":
+        check_te(cfg, recipe, model, tokens=micro_batch_size * cfg.model.seq_len)
+    if recipe.backend == "torch":
+        tokens = micro_batch_size * cfg.model.seq_len
+        if why := check_dims(
+            device, {"tokens per micro-batch (trainer.micro_batch_size x model.seq_len)": tokens}
+        ):
+            raise ConfigError(
+                "recipe.backend", "torch", f"{why}; change the batch or use recipe.backend=emulated"
+            )
+
+
+def check_te(cfg: RunConfig, recipe, model, *, tokens: int) -> None:
+    """backend=te: TE's dimension rules on the converted layers, and the ZeRO settings TE is known
+    not to work with (``recipes.te_backend``)."""
+    from recipes.te_backend import check_te_dims, te_parallel_problem
+
+    linears = dict(model.named_modules())
+    converted = recipe.select(model).converted
+    check_te_dims({n: (linears[n].in_features, linears[n].out_features) for n in converted}, tokens,
+                  quantizer=cfg.recipe.quantizer)  # fmt: skip
+    p = cfg.parallel
+    problem = te_parallel_problem(
+        zero_stage=p.zero_stage, offload_optimizer=p.offload_optimizer, offload_param=p.offload_param,
+        any_bias_false=bool(converted) and not cfg.model.bias, allow_offload=cfg.recipe.te_allow_offload,
+        activation_checkpointing=cfg.trainer.activation_checkpointing,
+    )  # fmt: skip
+    if problem is not None:
+        raise problem
 
 
 def check_reference(cfg: RunConfig) -> None:
@@ -170,7 +203,7 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
             "fp16",
             "DeepSpeed refuses fp16 on its CPU accelerator; use +recipe=bf16 or run on a GPU",
         )
-    check_recipe_on_model(cfg)
+    check_recipe_on_model(cfg, device=device, micro_batch_size=micro)
     check_reference(cfg)
     # data (cheap checks only: files exist, corpus installed)
     source_files(cfg.data)

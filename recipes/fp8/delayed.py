@@ -238,6 +238,31 @@ class DelayedScalingState:
         rolled[0] = 0.0
         hist.copy_(torch.where(active.unsqueeze(0), rolled, hist))
 
+    # ------------------------------------------------------------------ telemetry
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """Per tensor ``<prefix><name>/scale``, ``/amax`` (the newest completed amax) and
+        ``/amax_history_max`` (the window's max); one host sync. Under torch.distributed with
+        several ranks also ``<prefix>rank_scale_spread``: the largest relative spread of any
+        scale over the ranks (0.0 when every rank quantizes with the same scales, which the amax
+        all-reduce guarantees); one collective, so every rank must call it."""
+        if not self._names:
+            return {}
+        hist, scales = self.amax_history.float(), self.scales.float()
+        vals = torch.stack([scales, hist[-1], hist.amax(dim=0)], dim=1).tolist()
+        out: dict[str, float] = {}
+        for name, (scale, recent, window) in zip(self._names, vals):
+            out[f"{prefix}{name}/scale"] = scale
+            out[f"{prefix}{name}/amax"] = recent
+            out[f"{prefix}{name}/amax_history_max"] = window
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            both = torch.cat([scales, -scales])
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            hi, lo = both[: len(scales)], -both[len(scales) :]
+            out[f"{prefix}rank_scale_spread"] = float(((hi - lo) / hi).max())
+        return out
+
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -11,10 +11,13 @@ step of each recipe per round), so load drift on a shared machine hits every
 recipe alike; the table shows the median step time over ``--steps`` rounds
 after ``--warmup`` rounds, and the ratio to BF16 measured in this run.
 ``--compile`` adds a compiled twin of each recipe (``recipe.compile=true``);
-its first steps compile the quantizers (reported as ``warm-up s``).
+its first steps compile the quantizers (reported as ``warm-up s``). ``--backends`` runs each
+recipe on each backend (``emulated``, ``torch``: real FP8 scaled matmuls). The ratio column is
+the median of the per-round ratios to BF16, with their interquartile range.
 
     python -m bench.recipe_step                      # eager, tiny model, 2 threads
     python -m bench.recipe_step --compile --recipes mxfp8_e4m3 mxfp4_e2m1
+    python -m bench.recipe_step --recipes fp8_current --backends emulated torch --model 20m
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from train.cli import CONF_DIR, compose
 from train.data import nominal_vocab_size
 from train.engine import build_engine, init_distributed
 from train.model import build_model
+from train.telemetry.perf import device_peak_for_format, flops_per_token
 from train.validate import validate
 
 
@@ -61,8 +65,11 @@ class Contender:
         with self.recipe.forward_context():
             loss = self.engine(x, y)
         self.engine.backward(loss)
+        self.recipe.on_micro_batch()
         self.engine.step()
         self.recipe.on_optimizer_step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
 
@@ -76,24 +83,39 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default="tiny")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--backends", nargs="+", default=["emulated"], help="recipe.backend values to time")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     common = [f"model={args.model}", f"trainer.global_batch_size={args.batch}", "trainer.max_steps=1000000",
-              "logger=none", "trainer.device=cpu"]  # fmt: skip
+              "logger=none", f"trainer.device={args.device}"]  # fmt: skip
     distenv.export(distenv.detect())
-    init_distributed("cpu")
+    init_distributed(args.device)
 
     contenders = [Contender("bf16", "bf16", [], common)]
     for name in args.recipes:
-        if not args.no_eager:
-            contenders.append(Contender(name, name, ["recipe.compile=false"], common))
-        if args.compile:
-            contenders.append(Contender(f"{name} (compiled)", name, ["recipe.compile=true"], common))
+        for backend in args.backends:
+            label, extra = (
+                (name, [])
+                if args.backends == ["emulated"]
+                else (f"{name} {backend}", [f"recipe.backend={backend}"])
+            )
+            if not args.no_eager:
+                contenders.append(Contender(label, name, ["recipe.compile=false", *extra], common))
+            if args.compile:
+                contenders.append(
+                    Contender(f"{label} (compiled)", name, ["recipe.compile=true", *extra], common)
+                )
     cfg = compose(common)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (args.batch, cfg.model.seq_len), generator=g)
-    y = torch.randint(0, 256, (args.batch, cfg.model.seq_len), generator=g)
+    x = torch.randint(0, 256, (args.batch, cfg.model.seq_len), generator=g).to(args.device)
+    y = torch.randint(0, 256, (args.batch, cfg.model.seq_len), generator=g).to(args.device)
+    tokens = args.batch * cfg.model.seq_len
+    model_cfg = cfg.model.resolve(nominal_vocab_size(cfg.data))
+    flops = flops_per_token(model_cfg, vocab_size=model_cfg.vocab_size, seq_len=model_cfg.seq_len) * tokens
+    name = torch.cuda.get_device_name() if args.device == "cuda" else None
+    peak = device_peak_for_format(name, "bf16")
 
     for c in contenders:  # warm-up (compilation happens here)
         c.warmup_s = sum(c.step(x, y) for _ in range(args.warmup))
@@ -101,15 +123,17 @@ def main() -> None:
         for c in contenders:
             c.times.append(c.step(x, y))
 
-    base = statistics.median(contenders[0].times)
+    base = contenders[0].times
     print(f"model={args.model} batch={args.batch}x{cfg.model.seq_len} threads={args.threads} "
           f"rounds={args.steps} (interleaved) torch={torch.__version__}")  # fmt: skip
-    print(f"{'recipe':<28} {'median ms':>10} {'min ms':>8} {'x BF16':>7} {'warm-up s':>10}")
+    print("| recipe | median ms | min ms | x BF16 (median) | IQR | warm-up s |\n|---|---|---|---|---|---|")
     for c in contenders:
+        ratios = [t / b for t, b in zip(c.times, base)]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         med = statistics.median(c.times)
-        print(
-            f"{c.label:<28} {med * 1e3:>10.1f} {min(c.times) * 1e3:>8.1f} {med / base:>7.2f} {c.warmup_s:>10.1f}"
-        )
+        mfu = "-" if peak is None else f"{flops / med / peak:.3f}"
+        print(f"| {c.label} | {med * 1e3:.1f} | {min(c.times) * 1e3:.1f} | {statistics.median(ratios):.2f} | "
+              f"{q[2] - q[0]:.2f} | {tokens / med:.0f} | {mfu} | {c.warmup_s:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -43,3 +43,19 @@ def test_stats_overhead_bench_runs():
     last = out.strip().splitlines()[-1]
     assert last.startswith("stats overhead ratio: "), out[-2000:]
     assert float(last.split(": ", 1)[1].split("x", 1)[0]) > 0, last
+
+
+def test_scaled_mm_bench_prints_its_table():
+    out = run_module("bench.scaled_mm", "--shapes", "32x64x48", "--reps", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| 32x64x48 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["rowwise", "tensorwise", "fp32 mm", "bf16 mm"], out
+    assert all(float(r.split("|")[3]) > 0 for r in rows)
+
+
+def test_recipe_step_bench_times_both_fp8_backends():
+    out = run_module("bench.recipe_step", "--recipes", "fp8_current", "--backends", "emulated", "torch",
+                     "--steps", "2", "--warmup", "1", "--batch", "2", timeout=300)  # fmt: skip
+    labels = [
+        line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    assert labels == ["recipe", "bf16", "fp8_current emulated", "fp8_current torch"], out

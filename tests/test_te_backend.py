@@ -23,7 +23,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from recipes.base import iter_linears
+from recipes.base import get_recipe, iter_linears
 from recipes.config import RecipeConfig
 from recipes.errors import ConfigError
 from recipes.filter import num_blocks, select_modules
@@ -481,3 +481,24 @@ def test_swap_to_te_keeps_the_function_and_trains_under_autocast():
     loss.backward()
     assert torch.isfinite(loss) and abs(loss.item() - ref(idx, idx).item()) < 0.1
     assert any(k.endswith("_extra_state") for k in model.state_dict())
+
+
+def test_validation_applies_te_rules_to_the_composed_run():
+    """``train.validate.check_te`` (run when recipe.backend resolves to te, i.e. on a GPU with TE):
+    the converted layers of the real model and the ZeRO settings of the composed config."""
+    from train.cli import compose
+    from train.validate import check_te
+
+    cfg = compose(
+        ["+recipe=fp8_delayed", "recipe.amax_update=microbatch", "parallel=zero3", "model.bias=false"]
+    )
+    rec = get_recipe(cfg.recipe)
+    with torch.device("meta"):
+        model = GPT(cfg.model.resolve(256))
+    with pytest.raises(ConfigError) as e:
+        check_te(cfg, rec, model, tokens=16 * 128)
+    assert e.value.key == "model.bias" and "4095" in e.value.fix
+    ok = compose(["+recipe=fp8_delayed", "recipe.amax_update=microbatch", "parallel=zero2"])
+    check_te(ok, get_recipe(ok.recipe), model, tokens=16 * 128)
+    with pytest.raises(ConfigError, match="tokens per micro-batch"):
+        check_te(ok, get_recipe(ok.recipe), model, tokens=12)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from recipes.backends import torch_problem
 from recipes.base import get_recipe
 from recipes.errors import ConfigError
 from recipes.fp8 import E4M3, E5M2, cast_to_fp8, current_scale
@@ -269,3 +270,48 @@ def test_amax_update_is_checked():
     assert e.value.key == "recipe.amax_update" and "delayed scaling" in e.value.fix
     with pytest.raises(ConfigError):
         get_recipe(preset("fp8_delayed", amax_update="often")).resolve("cpu")
+
+
+def test_amax_update_microbatch_steps_the_histories_after_every_backward():
+    for update, per_step in (("step", 1), ("microbatch", 3)):
+        rec, layer = _layer_pair("fp8_delayed", bias=False, amax_update=update)["torch"]
+        for _ in range(3):  # three micro-batches of one optimizer step
+            _fwd_bwd(layer)
+            rec.on_micro_batch()
+        rec.on_optimizer_step()
+        assert rec.delayed is not None and rec.delayed.num_steps == per_step, update
+        # the weight cast is not re-used across a scale update (microbatch: every micro-batch)
+        assert layer.weight_cache_hits == (2 if update == "step" else 0), update
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 tensor cores")
+@pytest.mark.parametrize("name", TORCH_PRESETS)
+def test_cuda_scaled_linear_matches_the_cpu_codes_and_calls(name):
+    """On the GPU: the same FP8 codes as the CPU cast, three scaled matmuls, and outputs that agree
+    with the CPU's within the FP32 accumulation order (cuBLAS) and fast accumulation (forward)."""
+    if reason := torch_problem(preset(name), "cuda"):
+        pytest.skip(reason)
+    cpu = _layer_pair(name, bias=True)["torch"][1]
+    rec = get_recipe(preset(name, backend="torch"))
+    rec.resolve("cuda")
+    holder = nn.Module()
+    holder.fc = nn.Linear(64, 96).to(torch.bfloat16)
+    holder.fc.load_state_dict(cpu.state_dict())
+    holder.cuda()
+    rec.convert(holder)
+    with OpCount() as ops:
+        got = [t.cpu() for t in _fwd_bwd_on(holder.fc, "cuda")]
+    assert ops.count("_scaled_mm") == 3 and ops.count("mm", "addmm") == 0
+    ref = _fwd_bwd(cpu)
+    for what, a, b in zip(("y", "dx", "dw", "db"), ref, got):
+        rel = float((a.float() - b.float()).abs().max() / a.float().abs().max())
+        assert rel < 2e-2, (what, rel)
+
+
+def _fwd_bwd_on(layer, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(32, 64, generator=g) * 3).to(torch.bfloat16).to(device).requires_grad_()
+    y = layer(x)
+    (y.float() * torch.randn(y.shape, generator=g).to(device)).sum().backward()
+    return y.detach(), x.grad, layer.weight.grad, layer.bias.grad

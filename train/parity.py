@@ -38,6 +38,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from recipes import peers
 from recipes.base import get_recipe
 from recipes.errors import ConfigError
 from train.cli import config_error_exit, tool_args
@@ -81,37 +82,10 @@ def max_rel(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 def _lowbit(model: nn.Module, cfg: RunConfig, backend: str) -> tuple[nn.Module, str, list[str]]:
     rec = get_recipe(dataclasses.replace(cfg.recipe, backend=backend))
-    rec.resolve("cpu" if not torch.cuda.is_available() else "cuda")
+    rec.resolve(next(model.parameters()).device.type)
     rec.convert(model)
-    notes = []
-    if cfg.recipe.quantizer == "fp8_delayed":
-        notes.append(f"delayed scales updated per {cfg.recipe.amax_update}")
-    if backend == "torch":
-        notes.append("scale applied to the accumulator (emulation: to the operands)")
     model.lowbit_recipe = rec  # type: ignore[assignment]  # on_optimizer_step after each step
-    return model, rec.gemm_impl, notes
-
-
-def _torchao(model: nn.Module, cfg: RunConfig, converted: list[str]) -> tuple[nn.Module, str, list[str]]:
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    r = cfg.recipe
-    if r.quantizer not in ("fp8_current", "fp8_rowwise", "fp8_delayed"):
-        raise ConfigError(
-            "recipe.quantizer", r.quantizer, "torchao's Float8Linear has tensorwise and rowwise FP8 only"
-        )
-    name = "rowwise" if r.quantizer == "fp8_rowwise" else "tensorwise"
-    config = Float8LinearConfig.from_recipe_name(name)
-    keep = set(converted)
-    convert_to_float8_training(model, config=config, module_filter_fn=lambda _m, fqn: fqn in keep)
-    notes = [f"torchao {name}: dynamic scales, fp8_max/amax in FP64 then rounded to FP32"]
-    if r.quantizer == "fp8_delayed":
-        notes.append("torchao has no delayed scaling: current (dynamic) scales stand in")
-    if name == "tensorwise" and r.fp8_format.upper() == "E4M3":
-        notes.append("torchao tensorwise casts dY to E5M2 (lowbit: E4M3 under fp8_format=E4M3)")
-    if name == "rowwise":
-        notes.append(f"torchao rowwise: power-of-two scales={config.round_scales_to_power_of_2}")
-    return model, f"torchao Float8Linear ({name})", notes
+    return model, rec.gemm_impl, peers.recipe_notes(cfg.recipe, backend)
 
 
 def build(
@@ -122,7 +96,8 @@ def build(
         return model, "torch.mm in BF16", []
     if impl in ("emulated", "torch", "te"):
         return _lowbit(model, cfg, impl)
-    return _torchao(model, cfg, converted)
+    gemm, notes = peers.convert_torchao(model, cfg.recipe, converted)
+    return model, gemm, notes
 
 
 # ---------------------------------------------------------------------- measuring
@@ -144,43 +119,8 @@ def _probe_codes(
     h.remove()
     xin = captured["x"].reshape(-1, captured["x"].shape[-1])
     w = cast(nn.Linear, bf16.get_submodule(PROBE_LAYER)).weight
-    from recipes.quantized import QuantizedRecipe
-
-    rec = get_recipe(dataclasses.replace(cfg.recipe, backend="emulated"))
-    assert isinstance(rec, QuantizedRecipe)
-    rec.resolve("cpu")
-    qs = rec._build_linear_quantizers(PROBE_LAYER)
-    if not (qs.input is not None and qs.input.castable and qs.weight is not None and qs.weight.castable):
-        return {}
-    ours = (qs.input.cast(xin, axis=-1, training=False).q, qs.weight.cast(w, axis=-1, training=False).q)
-    out = {"emulated": (1.0, 1.0)}  # the emulated backend quantizes with these very codes
-    if "torch" in models:
-        out["torch"] = (1.0, 1.0)  # the same role objects' cast (tests/test_torch_backend.py checks the bits)
-    if "torchao" in models:
-        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
-        from torchao.float8.float8_training_tensor import GemmInputRole, LinearMMConfig
-
-        gran = _torchao_granularity(cfg)
-        kw = dict(scaling_granularity=gran, axiswise_dim=-1 if gran.value == "axiswise" else None,
-                  round_scales_to_power_of_2=cfg.recipe.quantizer == "fp8_rowwise")  # fmt: skip
-        tx = hp_tensor_to_float8_dynamic(xin, torch.float8_e4m3fn, LinearMMConfig(), **kw)._data
-        tw = hp_tensor_to_float8_dynamic(
-            w, torch.float8_e4m3fn, LinearMMConfig(), gemm_input_role=GemmInputRole.WEIGHT, **kw
-        )._data
-        out["torchao"] = tuple(
-            float((a.view(torch.uint8) == b.view(torch.uint8)).float().mean()) for a, b in zip(ours, (tx, tw))
-        )  # type: ignore[assignment]
-    return out
-
-
-def _torchao_granularity(cfg: RunConfig) -> Any:
-    from torchao.float8.config import ScalingGranularity
-
-    return (
-        ScalingGranularity.AXISWISE
-        if cfg.recipe.quantizer == "fp8_rowwise"
-        else ScalingGranularity.TENSORWISE
-    )
+    codes = peers.probe_codes(cfg.recipe, xin, w, layer=PROBE_LAYER, torchao="torchao" in models)
+    return {k: v for k, v in codes.items() if k in models}
 
 
 def _one_step(
@@ -209,6 +149,8 @@ def _train(
         opt.zero_grad(set_to_none=True)
         if rec is not None:
             rec.on_optimizer_step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         loss = float(out.detach())
     steady = times[1:] or times
@@ -221,18 +163,23 @@ def run_parity(
     from recipes.quantized import QuantizedRecipe
     from train.data import BatchSchedule, prepare_data
     from train.model import build_model
+    from train.validate import resolve_device
 
     probe = get_recipe(dataclasses.replace(cfg.recipe, backend="emulated"))
     if not isinstance(probe, QuantizedRecipe):
         raise ConfigError("recipe", cfg.recipe.name, "parity compares quantized recipes; pick an FP8 recipe")
     data = prepare_data(cfg.data, seq_len=cfg.model.seq_len)
     model_cfg = cfg.model.resolve(data.vocab_size)
-    base = build_model(model_cfg, seed=cfg.trainer.seed).to(torch.bfloat16)
+    device = resolve_device(cfg.trainer.device)
+    base = build_model(model_cfg, seed=cfg.trainer.seed).to(device=device, dtype=torch.bfloat16)
     converted = list(probe.select(base).converted)
     sched = BatchSchedule(
         len(data.train_idx), global_batch_size=cfg.trainer.global_batch_size, seed=cfg.trainer.seed
     )
-    batches = [data.sequences(data.train_idx[sched.global_batch(s)[:sequences]]) for s in range(1, steps + 1)]
+    batches = []
+    for s in range(1, steps + 1):
+        bx, by = data.sequences(data.train_idx[sched.global_batch(s)[:sequences]])
+        batches.append((bx.to(device), by.to(device)))
     models: dict[str, nn.Module] = {}
     rows: dict[str, Row] = {}
     for impl in impls:
@@ -259,7 +206,7 @@ def run_parity(
         model, *_ = build(impl, base, cfg, converted)
         rows[impl].loss, rows[impl].step_ms = _train(model, batches, cfg.trainer.lr)
     return {
-        "recipe": cfg.recipe.name, "quantizer": cfg.recipe.quantizer, "model": cfg.model.name,
+        "recipe": cfg.recipe.name, "device": device, "quantizer": cfg.recipe.quantizer, "model": cfg.model.name,
         "tokens_per_step": sequences * cfg.model.seq_len, "steps": steps, "reference": "bf16",
         "rows": [dataclasses.asdict(r) for r in rows.values()],
     }  # fmt: skip
@@ -270,7 +217,7 @@ def format_table(result: dict[str, Any]) -> str:
         width = int(fmt.split(".")[0] or 0)
         return ("-" if v is None else "inf" if math.isinf(v) else format(v, fmt)).rjust(width)
 
-    head = f"parity: {result['recipe']} on {result['model']}, {result['tokens_per_step']} tokens/step, {result['steps']} steps, vs BF16"
+    head = f"parity: {result['recipe']} on {result['model']} ({result['device']}), {result['tokens_per_step']} tokens/step, {result['steps']} steps, vs BF16"
     cols = "impl       fwd dB  fwd rel  dgrad dB  wgrad dB  x codes  W codes   loss    ms/step  GEMM"
     lines = [head, cols]
     notes = []

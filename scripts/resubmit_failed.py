@@ -3,8 +3,9 @@
     python -m scripts.resubmit_failed SWEEP_DIR            # resubmit
     python -m scripts.resubmit_failed SWEEP_DIR --dry-run  # print the commands only
 
-Each incomplete or missing job (see SWEEP_DIR/sweep.json, rebuilt from the job
-directories) is submitted again with its original overrides, its original
+Each incomplete, failed or missing job (see SWEEP_DIR/sweep.json, rebuilt from the job
+directories) is submitted again; a ``config_error`` member is not (a rerun fails the same way:
+fix the override and rerun that member by hand), nor is a completed one. It is submitted again with its original overrides, its original
 Hydra launcher settings (``hydra/launcher=slurm``, partition, ...), and
 ``hydra.sweep.dir=SWEEP_DIR hydra.sweep.subdir=<its number>``, so it lands in
 the same run directory and ``trainer.resume=auto`` continues from its latest
@@ -25,6 +26,9 @@ from train.sweep_index import build_index
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: states a rerun cannot change (completed) or would repeat (a config error)
+NOT_RESUBMITTED = ("completed", "config_error", "nonfinite")
+
 _DROP = (
     "hydra.sweep.dir=",
     "hydra.sweep.subdir=",
@@ -38,7 +42,7 @@ _DROP = (
 def resubmit_commands(sweep_dir: Path) -> list[list[str]]:
     cmds = []
     for job in build_index(sweep_dir)["jobs"]:
-        if job["state"] == "completed":
+        if job["state"] in NOT_RESUBMITTED:
             continue
         hydra_cfg = yaml.safe_load((Path(job["run_dir"]) / ".hydra" / "hydra.yaml").read_text())["hydra"]
         launcher = [o for o in hydra_cfg["overrides"]["hydra"] if not o.startswith(_DROP)]

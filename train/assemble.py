@@ -28,6 +28,7 @@ from train.telemetry.divergence import DivergenceTracker, FileReference, Lockste
 from train.telemetry.envinfo import environment
 from train.telemetry.grads import GradStatsCollector
 from train.telemetry.loggers import MultiLogger, build_loggers
+from train.telemetry.nonfinite import NonFiniteWatch, inject_fault
 from train.telemetry.perf import PerfMeter
 from train.validate import Plan
 
@@ -149,7 +150,12 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
         engine=engine, recipe=recipe, feed=feed, denv=denv, device=plan.device, loggers=loggers, perf=perf,
         tracker=DivergenceTracker(threshold=cfg.reference.threshold, decay=cfg.reference.ema),
         guard=guard, reference=reference, collector=collector, stat_params=stat_params,
+        watch=NonFiniteWatch(engine.module, policy=t.on_nonfinite, device=engine.device), run_dir=run_dir,
     )  # fmt: skip
+    d = cfg.debug
+    if d.inject_nonfinite_at_step:
+        inject_fault(engine.module, layer=d.inject_layer, tensor=d.inject_tensor, at_step=d.inject_nonfinite_at_step,
+                     step_of=lambda: telemetry.current_step)  # fmt: skip
     return Run(cfg, plan, denv, run_dir, data, feed, recipe, engine, loggers, guard, telemetry,
                reference_engine=reference_engine, start_step=start_step)  # fmt: skip
 

@@ -144,9 +144,24 @@ def preflight(argv: list[str], *, conf_dir: str | Path = CONF_DIR) -> None:
             overrides.append(a)
         flag = a
     check_group_choices(overrides, conf_dir=str(conf_dir))
+    check_output_dirs(overrides)
     if any(a in ("-m", "--multirun") for a in argv):
         return
     compose(overrides, conf_dir=conf_dir)
+
+
+def check_output_dirs(overrides: list[str]) -> None:
+    """``hydra.run.dir`` / ``hydra.sweep.dir`` must be creatable: create them now (Hydra would, a
+    moment later, with a traceback when it cannot)."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            try:
+                Path(value).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(
+                    key, value, f"cannot create it ({e.strerror}); choose a writable directory"
+                ) from None
 
 
 def tool_args(

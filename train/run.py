@@ -30,6 +30,7 @@ from omegaconf import DictConfig  # noqa: E402
 from recipes.errors import ConfigError  # noqa: E402
 from train.cli import config_error_exit, preflight, register_resolvers, strip_launcher_args  # noqa: E402
 from train.config import register_configs, to_run_config  # noqa: E402
+from train.sweep_index import record_member_failure  # noqa: E402
 from train.validate import validate  # noqa: E402
 
 CONF_DIR = str(ROOT / "conf")
@@ -41,18 +42,41 @@ def main(dcfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
         cfg = to_run_config(dcfg)
-        if hc.mode == RunMode.MULTIRUN and cfg.logger.wandb.group is None:
+        if multirun and cfg.logger.wandb.group is None:
             cfg.logger.wandb.group = Path(hc.sweep.dir).name  # one W&B group per sweep
         denv = distenv.detect()
         world = denv.world_size if denv.world_size > 1 else cfg.launcher.nproc_per_node
         plan = validate(cfg, world_size=world)
     except ConfigError as e:
-        config_error_exit(e)
-    from train.launch import exit_cleanly_at_exit, launch
+        if not multirun:
+            config_error_exit(e)
+        # a sweep member's mistake fails that member only: the others run, sweep.json records it
+        # and the sweep exits non-zero (train.sweep_index)
+        print(e.one_line(), file=sys.stderr, flush=True)
+        record_member_failure(run_dir, "config_error", e.one_line())
+        return
+    from train.launch import exit_cleanly_at_exit, launch, set_exit_status
 
-    launch(cfg, plan, run_dir)
+    try:
+        summary = launch(cfg, plan, run_dir)
+    except Exception as e:
+        if not multirun:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        record_member_failure(run_dir, "failed", f"{type(e).__name__}: {e}")
+        return
+    if summary.get("state") == "nonfinite":  # trainer.on_nonfinite=stop: a distinct exit code
+        from train.telemetry.nonfinite import EXIT_NONFINITE
+
+        if multirun:
+            record_member_failure(run_dir, "nonfinite", f"report: {summary.get('nonfinite_report')}")
+            return
+        set_exit_status(EXIT_NONFINITE)
     exit_cleanly_at_exit()
 
 

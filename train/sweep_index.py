@@ -6,8 +6,11 @@ directory (``.hydra/overrides.yaml``, ``job.jsonl``, ``summary.json``,
 ``metrics.jsonl``). Works for the basic launcher and for submitit/Slurm, where
 jobs ran on other machines and only their files come back.
 
-States: ``completed`` (summary.json written), ``incomplete`` (started, no
-summary: failed, preempted or still requeued), ``missing`` (never started).
+States: ``completed`` (summary.json written), ``config_error`` / ``failed`` (the member wrote
+``member_error.json``: a config error, or an exception in training; ``reason`` says which),
+``incomplete`` (started, no summary: killed, preempted or still requeued), ``missing`` (never
+started). A sweep with any member not ``completed`` exits with status 1, after every member
+ran and ``sweep.json`` was written.
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+#: written by a sweep member that failed (``train/run.py``): {"state": ..., "reason": ...}
+MEMBER_ERROR = "member_error.json"
+
+
+def record_member_failure(run_dir: Path, state: str, reason: str) -> None:
+    """A sweep member's failure, for ``sweep.json`` (``state``: config_error | failed)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MEMBER_ERROR).write_text(json.dumps({"state": state, "reason": reason}) + "\n")
 
 
 def job_record(job_dir: Path) -> dict[str, Any]:
@@ -44,6 +56,9 @@ def job_record(job_dir: Path) -> dict[str, Any]:
     if summary.exists():
         rec["state"] = "completed"
         rec["summary"] = json.loads(summary.read_text())
+    error = job_dir / MEMBER_ERROR
+    if error.exists():
+        rec.update(json.loads(error.read_text()))
     metrics = job_dir / "metrics.jsonl"
     if metrics.exists():
         rows = [line for line in metrics.read_text().splitlines() if line.strip()]
@@ -76,3 +91,11 @@ class SweepIndex(Callback):
         print(
             f"lowbit: sweep index {sweep_dir / 'sweep.json'}: {index['num_completed']}/{index['num_jobs']} completed"
         )
+        bad = [j for j in index["jobs"] if j["state"] != "completed"]
+        if bad:
+            from train.launch import exit_cleanly_at_exit, set_exit_status
+
+            for j in bad:
+                print(f"lowbit: sweep member {j['num']} {j['state']}: {j.get('reason', j['run_dir'])}")
+            set_exit_status(1)
+            exit_cleanly_at_exit()

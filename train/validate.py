@@ -56,6 +56,9 @@ def check_recipe_on_model(cfg: RunConfig, *, device: str, micro_batch_size: int)
     with torch.device("meta"):
         model = GPT(cfg.model.resolve(nominal_vocab_size(cfg.data)))
     recipe.check(model)
+    layer = cfg.debug.inject_layer
+    if cfg.debug.inject_nonfinite_at_step and layer not in dict(model.named_modules()):
+        raise ConfigError("debug.inject_layer", layer, "no such module in the model (e.g. blocks.0.mlp.fc)")
     if recipe.backend == "te":
         check_te(cfg, recipe, model, tokens=micro_batch_size * cfg.model.seq_len)
     if recipe.backend == "torch":
@@ -163,6 +166,12 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
             t.global_batch_size,
             f"must be divisible by micro_batch_size x world_size = {micro} x {world_size} = {per_step}; "
             "change trainer.global_batch_size or trainer.micro_batch_size",
+        )
+    _one_of("trainer.on_nonfinite", t.on_nonfinite, ("stop", "skip", "log"))
+    _one_of("debug.inject_tensor", cfg.debug.inject_tensor, ("grad_output", "activation"))
+    if not t.lr > 0:
+        raise ConfigError(
+            "trainer.lr", t.lr, "must be > 0 (the peak learning rate of the warm-up + cosine schedule)"
         )
     if not 0 <= t.warmup_frac < 1:
         raise ConfigError("trainer.warmup_frac", t.warmup_frac, "must be in [0, 1)")

@@ -15,8 +15,10 @@ the run summary; the values come from pure functions and small collectors beside
 (``grads``, ``divergence``, ``perf``). Host syncs happen on log steps only.
 
 ``end_step`` is the step's one decision point: ``Decision.STOP`` when a preemption signal
-reached any rank (``train.preempt``). Observers that must stop a run (the reliability
-issue's non-finite policy) answer there too.
+reached any rank (``train.preempt``), ``Decision.NONFINITE`` when the non-finite watch
+(``train.telemetry.nonfinite``, ``trainer.on_nonfinite=stop``) found NaN/Inf. The boundary
+decision is ``before_optimizer_step``'s: ``Decision.SKIP`` skips that optimizer step
+(``trainer.on_nonfinite=skip``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from train.preempt import PreemptionGuard
 from train.telemetry.divergence import DivergenceTracker, FileReference, LockstepReference, full_grads
 from train.telemetry.grads import GradStatsCollector, grad_global_norm, weight_metrics
 from train.telemetry.loggers import MultiLogger
+from train.telemetry.nonfinite import NonFiniteWatch
 from train.telemetry.perf import PerfMeter
 
 
@@ -46,6 +49,10 @@ class Decision(enum.Enum):
     CONTINUE = "continue"
     STOP = "stop"
     """Checkpoint at this step boundary and exit for requeue (the run is ``preempted``)."""
+    SKIP = "skip"
+    """At the accumulation boundary: skip this optimizer step (``trainer.on_nonfinite=skip``)."""
+    NONFINITE = "nonfinite"
+    """Stop now without a checkpoint: the state is non-finite (``trainer.on_nonfinite=stop``)."""
 
 
 @dataclass(frozen=True)
@@ -99,10 +106,14 @@ class Telemetry:
         reference: FileReference | LockstepReference | None = None,
         collector: GradStatsCollector | None = None,
         stat_params: list[str] | None = None,
+        watch: NonFiniteWatch | None = None,
+        run_dir: Any = None,
     ):
         self.cadence, self.engine, self.recipe, self.feed = cadence, engine, recipe, feed
         self.denv, self.device, self.loggers, self.perf = denv, device, loggers, perf
         self.tracker, self.guard, self.reference, self.collector = tracker, guard, reference, collector
+        self.watch, self.run_dir = watch, run_dir
+        self.report_path: str | None = None
         self.stat_params = list(stat_params or [])
         """Weight parameters of the layers the heavy statistics look at."""
         self.stat_layers = [n.removesuffix(".weight") for n in self.stat_params]
@@ -117,6 +128,11 @@ class Telemetry:
         self._tok_rates: list[float] = []
         self._mfus: list[float] = []
 
+    @property
+    def current_step(self) -> int:
+        """The step between ``begin_step`` and ``end_step`` (0 outside)."""
+        return 0 if self._cur is None else self._cur.step
+
     # ------------------------------------------------------------------ the loop's calls
     def begin_step(self, step: int, *, lr: float) -> None:
         if self._window_start is None:  # the first step, or the one after a log step
@@ -127,7 +143,9 @@ class Telemetry:
         if is_stat and self.collector:
             self.collector.arm()
 
-    def before_optimizer_step(self, engine: Any) -> None:
+    def before_optimizer_step(self, engine: Any) -> Decision:
+        """Statistics at the accumulation boundary; ``Decision.SKIP`` when the step must not update
+        (``trainer.on_nonfinite=skip`` and a non-finite loss or gradient on any rank)."""
         cur = self._step()
         if cur.is_log and self.manual_norm_needed:
             cur.manual_norm = grad_global_norm(self.params)
@@ -135,10 +153,20 @@ class Telemetry:
             cur.grads = full_grads(engine, cur.capture)
         if cur.is_stat:
             cur.weights = weight_metrics(engine, self.stat_layers, grads=cur.grads)
+        w = self.watch
+        if w is not None and w.policy == "skip" and w.tripped(distributed=self.denv.is_distributed):
+            w.count += 1
+            w.reset()
+            w.sticky = False  # the non-finite gradients are discarded with the step: the state is clean
+            log0(self.denv, f"non-finite loss or gradient at step {cur.step}: optimizer step skipped")
+            return Decision.SKIP
+        return Decision.CONTINUE
 
     def after_micro_step(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         cur = self._step()
         cur.losses.append(loss.detach())
+        if self.watch is not None:
+            self.watch.observe_loss(loss)
         if self.reference is not None:
             self.reference.micro_step(x, y, capture=cur.capture)
 
@@ -161,6 +189,7 @@ class Telemetry:
 
     def end_step(self, step: int, *, val_loss: float | None) -> Decision:
         cur = self._step()
+        nonfinite = self._nonfinite_on_log_step(cur)
         if cur.is_log:
             metrics = self._row(cur, val_loss=val_loss)
             self.loggers.log(metrics, step)
@@ -170,15 +199,47 @@ class Telemetry:
                 self._mfus.append(metrics["perf/mfu_bf16_peak"])
             self._window_start = None  # the next step opens a new timing window
         self._cur = None
+        if nonfinite:
+            return Decision.NONFINITE
         if self.guard.should_stop(device=self.engine.device, distributed=self.denv.is_distributed):
             log0(self.denv, f"preemption signal: checkpoint at step {step}, then exit for requeue")
             return Decision.STOP
         return Decision.CONTINUE
 
+    def safe_to_checkpoint(self) -> bool:
+        """No non-finite value since the run began (a collective: every rank calls it)."""
+        w = self.watch
+        return w is None or not (w.sticky or w.tripped(distributed=self.denv.is_distributed))
+
+    def _nonfinite_on_log_step(self, cur: _Step) -> bool:
+        """Log steps, policies stop and log: read the flags (one collective). Stop: write the report."""
+        w = self.watch
+        if w is None or w.policy == "skip" or not cur.is_log:
+            return False
+        if not w.tripped(distributed=self.denv.is_distributed):
+            return False
+        w.count += 1
+        if w.policy == "log":
+            log0(
+                self.denv,
+                f"non-finite loss or gradient by step {cur.step} (trainer.on_nonfinite=log: going on)",
+            )
+            w.reset()
+            return False
+        report = w.report(cur.step, self.recipe.telemetry())
+        if self.denv.is_main and self.run_dir is not None:
+            self.report_path = str(w.write_report(self.run_dir, report))
+        log0(self.denv, f"non-finite loss or gradient by step {cur.step}: {report['first_nonfinite']['what']} "
+             f"of {report['first_nonfinite']['tensor']}; stopping without a checkpoint "
+             f"(trainer.on_nonfinite=stop; report: {self.report_path})")  # fmt: skip
+        return True
+
     def summary(self, decision: Decision, *, step: int) -> dict[str, Any]:
         self.guard.drain()
         if decision is Decision.STOP:
             return {"state": "preempted", "final/step": step}
+        if decision is Decision.NONFINITE:
+            return {"state": "nonfinite", "final/step": step, "nonfinite_report": self.report_path}
         return {
             "state": "completed",
             "final/train_loss": self._last.get("train/loss"),
@@ -200,8 +261,10 @@ class Telemetry:
         }
         if val_loss is not None:
             metrics["val/loss"] = val_loss
-        if not np.isfinite(metrics["train/loss"]):
-            log0(self.denv, f"non-finite loss at step {cur.step}")
+        if self.watch is not None and self.watch.policy != "stop":
+            metrics["train/skipped_steps" if self.watch.policy == "skip" else "train/nonfinite_steps"] = (
+                self.watch.count
+            )
         if cur.is_stat:
             metrics["grad/global_norm"] = metrics["train/grad_norm"]
             metrics.update(cur.weights)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from train.distenv import mean_across_ranks
+from train.telemetry.loggers import decode_row
 
 # ---------------------------------------------------------------- pure functions
 
@@ -120,7 +121,8 @@ def load_reference_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[int, d
 
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "run_config.yaml").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [decode_row(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]  # fmt: skip
     return cfg, {r["step"]: r for r in rows}
 
 

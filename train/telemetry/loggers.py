@@ -35,7 +35,7 @@ class JsonlLogger:
         self._f = open(path, "a", buffering=1)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._f.write(json.dumps(encode_row({"step": step, **metrics}), allow_nan=False) + "\n")
         self._f.flush()
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -43,6 +43,32 @@ class JsonlLogger:
 
     def close(self) -> None:
         self._f.close()
+
+
+#: suffix of the key that names a non-finite value's kind in strict-JSON metrics rows
+NONFINITE_SUFFIX = "/nonfinite"
+
+
+def encode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Strict JSON: a non-finite float becomes ``null`` plus ``<key>/nonfinite`` = nan | inf | -inf
+    (the convention of the team-review issue; ``decode_row`` turns it back)."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+            out[k + NONFINITE_SUFFIX] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        else:
+            out[k] = v
+    return out
+
+
+def decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The floats ``encode_row`` wrote (bare ``NaN`` / ``Infinity`` of older files load as floats anyway)."""
+    out = {k: v for k, v in row.items() if not k.endswith(NONFINITE_SUFFIX)}
+    for k, v in row.items():
+        if k.endswith(NONFINITE_SUFFIX):
+            out[k[: -len(NONFINITE_SUFFIX)]] = float(v)
+    return out
 
 
 class ConsoleLogger:
@@ -93,12 +119,33 @@ def wandb_mode(cfg: RunConfig) -> Literal["online", "offline", "disabled"]:
     return mode  # type: ignore[return-value]  # checked just above
 
 
+def wandb_api_key_present() -> bool:
+    """``WANDB_API_KEY`` is set, or the netrc file (``$NETRC``, else ``~/.netrc``, where ``wandb
+    login`` writes it) has an entry for the W&B host (``$WANDB_BASE_URL``, else api.wandb.ai)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or ""
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 class WandbLogger:
     def __init__(self, cfg: RunConfig, *, run_dir: Path, config: dict[str, Any]):
         import wandb
 
         w = cfg.logger.wandb
         run_id = self._run_id(run_dir)
+        mode = wandb_mode(cfg)
+        if mode == "online" and not wandb_api_key_present():
+            # without a key W&B refuses to start (a UsageError): train anyway, logged offline
+            print(f"lowbit: W&B is online but has no API key (WANDB_API_KEY, or `wandb login`): logging "
+                  f"offline; sync later with `wandb sync {run_dir / 'wandb'}`", flush=True)  # fmt: skip
+            mode = "offline"
         self.run = wandb.init(
             project=w.project,
             entity=w.entity,
@@ -107,7 +154,7 @@ class WandbLogger:
             tags=list(w.tags),
             config=config,
             dir=str(run_dir),
-            mode=wandb_mode(cfg),
+            mode=mode,
             id=run_id,
             resume="allow",
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),

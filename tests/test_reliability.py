@@ -1,0 +1,224 @@
+"""Faults a numerics lab meets: a SIGKILLed run resumes exactly; a failing sweep member is reported,
+not hidden; bad inputs fail in one line before any start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT, RUN_PY, run_lowbit
+from .test_preemption import wait_for_step
+
+#: wall-clock keys that differ between any two runs (everything else must be equal bit for bit)
+WALL_CLOCK = ("perf/",)
+STEPS = 40
+COMMON = [f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.eval_every=20",
+          "trainer.eval_sequences=16", "trainer.checkpoint_every=10", "logger=none"]  # fmt: skip
+
+
+def numerics(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(WALL_CLOCK)} for r in rows]
+
+
+@pytest.mark.parametrize("args", [
+    ["+recipe=bf16"],
+    ["+recipe=fp8_delayed"],
+    ["+recipe=fp8_delayed", "recipe.backend=torch"],
+    ["+recipe=nvfp4"],  # stochastic rounding: the generator state travels in the checkpoint
+    pytest.param(["+recipe=bf16", "parallel=zero2", "launcher.nproc_per_node=2"], marks=pytest.mark.dist),
+], ids=["bf16", "fp8_delayed", "fp8_delayed_torch", "nvfp4", "bf16_zero2_2ranks"])  # fmt: skip
+def test_sigkill_then_the_same_command_reproduces_the_uninterrupted_run(args, tmp_path):
+    """SIGKILL (no handler, no last checkpoint) at step 25 of 40 with a checkpoint every 10 steps:
+    the same command resumes from step 20 and its metrics.jsonl equals an uninterrupted run's in
+    every key but the wall-clock ones."""
+    ref = run_lowbit([*args, *COMMON], run_dir=tmp_path / "ref")
+    run_dir = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen([sys.executable, str(RUN_PY), *args, *COMMON, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    wait_for_step(run_dir / "metrics.jsonl", 25, proc=proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers, at once
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest in ("step_0000020", "step_0000030")  # 30 only if the machine stalled the kill
+    resumed = run_lowbit([*args, *COMMON], run_dir=run_dir)
+    assert f"at step {int(latest[5:])}" in resumed.proc.stdout
+    assert numerics(resumed.metrics) == numerics(ref.metrics)
+
+
+def test_a_failing_sweep_member_fails_the_sweep_and_the_others_still_run(tmp_path):
+    """fp16 is refused on the CPU: that member is a config error, bf16 still trains, sweep.json says
+    which is which, and the sweep exits 1 (it used to exit 0 with no sweep.json)."""
+    res = run_lowbit(["-m", "+recipe=bf16,fp16", "trainer.max_steps=2", "trainer.eval_sequences=16", "logger=none",
+                      f"hydra.sweep.dir={tmp_path}"], check=False)  # fmt: skip
+    assert res.proc.returncode == 1, res.proc.stderr[-3000:]
+    assert "lowbit: config error: recipe.precision=fp16:" in res.proc.stderr
+    index = json.loads((tmp_path / "sweep.json").read_text())
+    states = {tuple(j["overrides"])[0]: j for j in index["jobs"]}
+    assert states["+recipe=bf16"]["state"] == "completed"
+    fp16 = states["+recipe=fp16"]
+    assert fp16["state"] == "config_error" and fp16["reason"].startswith(
+        "lowbit: config error: recipe.precision"
+    )
+    assert "sweep member 1 config_error" in res.proc.stdout
+
+    from scripts.resubmit_failed import resubmit_commands
+
+    assert resubmit_commands(tmp_path) == []  # a config error would fail again: not resubmitted
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.lr=-1", "trainer.lr"),
+    ("data.path=/nonexistent/corpus.txt", "data.path"),  # with data=shakespeare it used to be ignored
+    ("hydra.run.dir=/proc/nope", "hydra.run.dir"),  # used to be Hydra's traceback
+])  # fmt: skip
+def test_bad_input_is_one_line_before_start_up(override, key, tmp_path):
+    res = run_lowbit([override, "trainer.max_steps=2"], run_dir=tmp_path / "run", check=False, timeout=120)
+    assert res.proc.returncode == 2
+    lines = [line for line in res.proc.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"lowbit: config error: {key}="), res.proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_metrics_jsonl_is_strict_json_with_non_finite_values(tmp_path):
+    from train.telemetry.loggers import JsonlLogger, decode_row
+
+    log = JsonlLogger(tmp_path / "metrics.jsonl")
+    log.log(
+        {"train/loss": float("nan"), "train/grad_norm": float("inf"), "x": -float("inf"), "ok": 1.5}, step=3
+    )
+    log.close()
+    line = (tmp_path / "metrics.jsonl").read_text().strip()
+    row = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert row["train/loss"] is None and row["train/loss/nonfinite"] == "nan"
+    assert row["train/grad_norm/nonfinite"] == "inf" and row["x/nonfinite"] == "-inf" and row["ok"] == 1.5
+    back = decode_row(row)
+    assert (
+        back["train/grad_norm"] == float("inf")
+        and back["x"] == -float("inf")
+        and back["train/loss"] != back["train/loss"]
+    )
+    assert set(back) == {"step", "train/loss", "train/grad_norm", "x", "ok"}
+
+
+def test_wandb_online_without_a_key_trains_and_logs_offline(tmp_path):
+    """It used to stop before training with W&B's UsageError traceback."""
+    if os.environ.get("WANDB_API_KEY"):
+        pytest.skip("this environment has a W&B API key; the case needs none")
+    env = {"WANDB_MODE": "online", "HOME": str(tmp_path / "home"), "NETRC": str(tmp_path / "no_netrc")}
+    res = run_lowbit(["trainer.max_steps=3", "trainer.eval_sequences=16"], run_dir=tmp_path / "run", env=env)
+    assert "W&B is online but has no API key" in res.proc.stdout and "wandb sync" in res.proc.stdout
+    assert [r["step"] for r in res.metrics][-1] == 3
+    from tests.wandb_offline import find_run_files, read_run
+
+    run = read_run(find_run_files(tmp_path / "run")[0])
+    assert len(run["history"]) == len(res.metrics) >= 1
+
+
+# ---------------------------------------------------------------- non-finite policies
+
+NF = ["trainer.max_steps=8", "trainer.log_every=1", "trainer.eval_every=100", "trainer.eval_sequences=16",
+      "logger=none", "debug.inject_nonfinite_at_step=5"]  # fmt: skip
+
+
+def test_stop_names_the_layer_keeps_the_last_good_checkpoint_and_exits_3(tmp_path):
+    """A backward-only fault (NaN output gradient of blocks.1.mlp.fc at step 5; the loss stays finite)
+    under fp8_delayed: the run stops at step 5, writes no checkpoint from it, reports the layer."""
+    res = run_lowbit([*NF, "+recipe=fp8_delayed", "debug.inject_layer=blocks.1.mlp.fc", "trainer.checkpoint_every=2"],
+                     run_dir=tmp_path, check=False)  # fmt: skip
+    assert res.proc.returncode == 3, res.proc.stderr[-3000:]
+    report = json.loads((tmp_path / "nonfinite_report.json").read_text())
+    assert report["step"] == 5 and report["policy"] == "stop" and not report["loss_nonfinite"]
+    first = report["first_nonfinite"]
+    assert first["layer"] == "blocks.1.mlp.fc" and first["tensor"] == "blocks.1.mlp.fc.weight"
+    assert "wgrad" in first["what"]
+    assert "fp8/blocks.1.mlp.fc/grad_output/scale" in report["layer_recipe_stats"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    assert not (tmp_path / "summary.json").exists()
+    assert [r["step"] for r in res.metrics] == [1, 2, 3, 4, 5]
+    assert "stopping without a checkpoint" in res.proc.stdout
+
+
+def test_an_activation_fault_is_reported_as_the_loss(tmp_path):
+    res = run_lowbit([*NF, "+recipe=bf16", "debug.inject_tensor=activation"], run_dir=tmp_path, check=False)
+    assert res.proc.returncode == 3
+    report = json.loads((tmp_path / "nonfinite_report.json").read_text())
+    assert report["loss_nonfinite"] and report["first_nonfinite"]["layer"] is not None  # NaN flows back too
+    row = res.metrics[-1]
+    assert row["train/loss"] is None and row["train/loss/nonfinite"] == "nan"  # strict JSON
+
+
+def test_log_goes_on_and_counts(tmp_path):
+    res = run_lowbit([*NF, "+recipe=bf16", "trainer.on_nonfinite=log"], run_dir=tmp_path)
+    counts = [r["train/nonfinite_steps"] for r in res.metrics]
+    assert counts[:4] == [0, 0, 0, 0] and counts[4] == 1 and [r["step"] for r in res.metrics][-1] == 8
+
+
+def _module_state(run_dir):
+    import torch
+
+    (path,) = (run_dir / "checkpoints").glob("step_*/mp_rank_00_model_states.pt")
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+@pytest.mark.parametrize("parallel", ["single", pytest.param("zero2_2ranks", marks=pytest.mark.dist)])
+def test_skip_leaves_weights_and_optimizer_as_before_the_step(parallel, tmp_path):
+    """Constant LR (no schedule to tell steps apart): 5 steps whose 5th is skipped end with exactly the
+    weights of 4 steps; training then goes on with finite losses."""
+    par = (
+        ["parallel=zero2", "launcher.nproc_per_node=2"] if parallel == "zero2_2ranks" else ["parallel=single"]
+    )
+    common = [*par, "+recipe=bf16", "trainer.warmup_frac=0", "trainer.min_lr_ratio=1.0", "trainer.log_every=1",
+              "trainer.eval_every=100", "trainer.eval_sequences=16", "logger=none"]  # fmt: skip
+    four = run_lowbit(
+        [*common, "trainer.max_steps=4", "trainer.checkpoint_every=4"], run_dir=tmp_path / "four"
+    )
+    skipped = run_lowbit([*common, "trainer.max_steps=5", "trainer.checkpoint_every=5", "trainer.on_nonfinite=skip",
+                          "debug.inject_nonfinite_at_step=5"], run_dir=tmp_path / "skip")  # fmt: skip
+    assert [r["train/skipped_steps"] for r in skipped.metrics] == [0, 0, 0, 0, 1]
+    assert "optimizer step skipped" in skipped.proc.stdout
+    a, b = _module_state(tmp_path / "four"), _module_state(tmp_path / "skip")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert four.losses() == {s: v for s, v in skipped.losses().items() if s <= 4}
+    more = run_lowbit([*common, "trainer.max_steps=8", "trainer.on_nonfinite=skip", "debug.inject_nonfinite_at_step=5"],
+                      run_dir=tmp_path / "more")  # fmt: skip
+    assert all(v == v for v in more.losses().values()) and more.metrics[-1]["train/skipped_steps"] == 1
+
+
+def test_the_watch_syncs_with_the_host_only_when_a_policy_reads_it():
+    """Hooks and the loss flag stay on the device; ``tripped`` is the one host sync (``skip`` pays it
+    every step, ``stop`` and ``log`` on log steps only)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from train.telemetry.nonfinite import NonFiniteWatch
+
+    class Syncs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.item):
+                Syncs.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    watch = NonFiniteWatch(model, policy="skip", device="cpu")
+    with Syncs():
+        for _ in range(3):  # three micro-batches
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            loss.backward()
+            watch.observe_loss(loss)
+    assert Syncs.n == 0
+    with Syncs():
+        assert watch.tripped(distributed=False) is False
+    assert Syncs.n == 1
+    model[1].weight.grad = None
+    model(torch.full((2, 8), float("inf"))).sum().backward()
+    assert watch.tripped(distributed=False) and watch.report(7, {})["first_nonfinite"]["layer"] == "1"

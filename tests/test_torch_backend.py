@@ -24,7 +24,7 @@ from recipes.scaled_linear import ScaledLinear
 from train.config import ModelConfig
 from train.model import build_model
 
-from .test_recipes_emulated import preset
+from .test_recipes_quantized import preset
 
 TORCH_PRESETS = ("fp8_current", "fp8_delayed", "fp8_rowwise")
 

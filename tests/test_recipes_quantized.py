@@ -1,4 +1,4 @@
-"""Quantized recipes: module filter, conversion report, validation errors, delayed-scaling updates."""
+"""Quantized recipes (any backend): module filter, conversion report, validation errors, delayed-scaling updates."""
 
 from __future__ import annotations
 

@@ -224,3 +224,66 @@ def test_the_watch_syncs_with_the_host_only_when_a_policy_reads_it():
     model[1].weight.grad = None
     model(torch.full((2, 8), float("inf"))).sum().backward()
     assert watch.tripped(distributed=False) and watch.report(7, {})["first_nonfinite"]["layer"] == "1"
+
+
+# ---------------------------------------------------------------- atomic checkpoints
+
+CK = ["+recipe=bf16", "trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=100",
+      "trainer.eval_sequences=16", "trainer.checkpoint_every=10", "logger=none"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A completed 30-step run with checkpoints at 10, 20 and 30 (its metrics kept aside)."""
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    res = run_lowbit(CK, run_dir=run_dir)
+    return run_dir, numerics(res.metrics)
+
+
+def _copy(run_dir, tmp_path):
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+def test_checkpoints_are_complete_with_a_manifest_and_latest_last(finished):
+    run_dir, _ = finished
+    ckpt = run_dir / "checkpoints"
+    assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == [
+        "step_0000010",
+        "step_0000020",
+        "step_0000030",
+    ]
+    assert (ckpt / "latest").read_text() == "step_0000030" and not list(ckpt.glob("*.partial"))
+    manifest = json.loads((ckpt / "step_0000030" / "manifest.json").read_text())
+    assert "mp_rank_00_model_states.pt" in manifest["files"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, finished, tmp_path):
+    """truncate: caught by the manifest (size); garble (same size, header zeroed): the load fails. Either
+    way the run resumes from step 20 with a warning naming the file and redoes 21..30 exactly."""
+    run_dir = _copy(finished[0], tmp_path)
+    target = run_dir / "checkpoints" / "step_0000030" / "mp_rank_00_model_states.pt"
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\0" * 64 + data[64:])
+    (run_dir / "summary.json").unlink()
+    res = run_lowbit(CK, run_dir=run_dir)
+    assert f"checkpoint {run_dir / 'checkpoints' / 'step_0000030'} is unusable" in res.proc.stdout
+    assert ("bytes, the manifest says" if damage == "truncate" else "failed to load") in res.proc.stdout
+    assert "at step 20" in res.proc.stdout
+    assert numerics(res.metrics) == finished[1]
+
+
+def test_an_unfinished_checkpoint_is_never_resumed_from_and_keep_prunes(finished, tmp_path):
+    """A kill while DeepSpeed writes leaves ``step_N.partial`` and ``latest`` on the previous one."""
+    run_dir = _copy(finished[0], tmp_path)
+    ckpt = run_dir / "checkpoints"
+    (ckpt / "step_0000030").rename(ckpt / "step_0000030.partial")
+    (ckpt / "latest").write_text("step_0000020")
+    (run_dir / "summary.json").unlink()
+    res = run_lowbit([*CK, "trainer.keep_checkpoints=2"], run_dir=run_dir)
+    assert "at step 20" in res.proc.stdout and numerics(res.metrics) == finished[1]
+    assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["step_0000020", "step_0000030"]

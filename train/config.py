@@ -114,6 +114,8 @@ class TrainerConfig:
     """Validation sequences per evaluation (a fixed set, identical for every run)."""
     checkpoint_every: int = 0
     """0: no periodic checkpoints (one is still written on preemption)."""
+    keep_checkpoints: int = 0
+    """Keep the newest N checkpoints (0: all). Each is written atomically (``train.rundir``)."""
     resume: str = "auto"
     """none | auto (latest checkpoint in the run dir) | a checkpoint directory."""
     activation_checkpointing: bool = False

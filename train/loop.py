@@ -50,7 +50,8 @@ def train_loop(run: Run) -> dict[str, Any]:
         stop = decision is Decision.STOP  # a preemption signal reached some rank
         due = stop or checkpoint_due(every=t.checkpoint_every, step=step, last_step=t.max_steps)
         if due and obs.safe_to_checkpoint():  # never a checkpoint of a non-finite state
-            save_checkpoint(engine, run.recipe, run.run_dir, step, reference_engine=run.reference_engine)
+            save_checkpoint(engine, run.recipe, run.run_dir, step, reference_engine=run.reference_engine,
+                            keep=t.keep_checkpoints)  # fmt: skip
         if stop:
             break
     return obs.summary(decision, step=step)

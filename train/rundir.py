@@ -16,6 +16,10 @@ from recipes.base import Recipe
 
 CHECKPOINT_DIR = "checkpoints"
 REFERENCE_CHECKPOINT_DIR = "checkpoints_reference"
+#: suffix of a checkpoint directory DeepSpeed is still writing (renamed when complete)
+PARTIAL = ".partial"
+#: each checkpoint's list of files and sizes, written last (before the rename)
+MANIFEST = "manifest.json"
 
 
 def write_run_config(run_dir: Path, resolved: dict[str, Any]) -> None:
@@ -62,22 +66,94 @@ def checkpoint_due(*, every: int, step: int, last_step: int) -> bool:
     return bool(every) and (step % every == 0 or step == last_step)
 
 
-def save_checkpoint(
-    engine: Any, recipe: Recipe, run_dir: Path, step: int, *, reference_engine: Any | None = None
-) -> None:
+def _tags(ckpt: Path) -> list[str]:
+    """Complete checkpoints (``step_N`` directories; ``.partial`` ones are unfinished), newest first."""
+    if not ckpt.is_dir():
+        return []
+    return sorted((d.name for d in ckpt.iterdir() if d.is_dir() and d.name.startswith("step_")
+                   and not d.name.endswith(PARTIAL)), reverse=True)  # fmt: skip
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_one(engine: Any, ckpt: Path, tag: str, client_state: dict[str, Any] | None, keep: int) -> None:
+    """DeepSpeed writes ``<tag>.partial/`` (every rank its shards); then rank 0 records the files in
+    ``manifest.json``, renames the directory to ``<tag>`` and points ``latest`` at it, last; older
+    checkpoints beyond ``keep`` (0: keep all) and stale partial ones are removed."""
+    import shutil
+
+    partial = ckpt / (tag + PARTIAL)
+    engine.save_checkpoint(str(ckpt), tag=partial.name, client_state=client_state or {}, save_latest=False)
+    _barrier()
+    if _is_main():
+        files = {
+            str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()
+        }
+        (partial / MANIFEST).write_text(json.dumps({"tag": tag, "files": files}, indent=1) + "\n")
+        final = ckpt / tag
+        if final.exists():  # an earlier attempt at this step
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomic(ckpt / "latest", tag)
+        for old in _tags(ckpt)[keep:] if keep else []:
+            shutil.rmtree(ckpt / old)
+        for stale in ckpt.glob("*" + PARTIAL):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+
+
+def save_checkpoint(engine: Any, recipe: Recipe, run_dir: Path, step: int, *, reference_engine: Any | None = None,
+                    keep: int = 0) -> None:  # fmt: skip
+    """An atomic checkpoint of the engine (and the lockstep reference's, first, so that ``latest``
+    of the run implies the reference's); ``trainer.keep_checkpoints`` = ``keep``."""
     tag = f"step_{step:07d}"
-    if reference_engine is not None:  # first, so `latest` of the run implies the reference's
-        reference_engine.save_checkpoint(str(run_dir / REFERENCE_CHECKPOINT_DIR), tag=tag)
-    engine.save_checkpoint(
-        str(run_dir / CHECKPOINT_DIR), tag=tag, client_state={"step": step, "recipe": recipe.state_dict()}
-    )
+    if reference_engine is not None:
+        _save_one(reference_engine, run_dir / REFERENCE_CHECKPOINT_DIR, tag, None, keep)
+    _save_one(engine, run_dir / CHECKPOINT_DIR, tag, {"step": step, "recipe": recipe.state_dict()}, keep)
+
+
+def checkpoint_problem(ckpt: Path, tag: str) -> str | None:
+    """Why ``ckpt/tag`` is not a complete checkpoint (a file of its manifest missing or of another
+    size), or None. Checkpoints from before manifests were written pass."""
+    d = ckpt / tag
+    if not d.is_dir():
+        return f"{d} does not exist"
+    manifest = d / MANIFEST
+    if not manifest.exists():
+        return None
+    for name, size in json.loads(manifest.read_text())["files"].items():
+        f = d / name
+        if not f.exists():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
 
 
 def resume(
     engine: Any, recipe: Recipe, run_dir: Path, *, resume: str, reference_engine: Any | None = None
 ) -> tuple[int, str | None]:
-    """Load the checkpoint ``trainer.resume`` names (none | auto | a directory); returns the step
-    to continue after (0: from scratch) and a note for the log."""
+    """Load the newest usable checkpoint in the directory ``trainer.resume`` names (none | auto |
+    a directory): ``latest`` first, then older ones, newest first, when one is incomplete
+    (manifest) or fails to load on any rank, with a warning naming it. Returns the step to continue
+    after (0: from scratch) and a note for the log."""
     if resume == "none":
         return 0, None
     ckpt = run_dir / CHECKPOINT_DIR if resume == "auto" else Path(resume)
@@ -88,9 +164,40 @@ def resume(
             else f"trainer.resume={resume}: no checkpoint in {ckpt}, starting from step 0"
         )
         return 0, note
-    _, client = engine.load_checkpoint(str(ckpt))
-    recipe.load_state_dict(client.get("recipe", {}))  # e.g. delayed-scaling amax histories
-    if reference_engine is not None:
-        reference_engine.load_checkpoint(str(run_dir / REFERENCE_CHECKPOINT_DIR))
-    step = int(client["step"])
-    return step, f"resumed from {ckpt} at step {step}"
+    latest = (ckpt / "latest").read_text().strip()
+    candidates = [latest] + [t for t in _tags(ckpt) if t != latest and t < latest]
+    warnings: list[str] = []
+    for tag in candidates:
+        why = checkpoint_problem(ckpt, tag)
+        client: dict[str, Any] | None = None
+        if why is None:
+            try:
+                _, client = engine.load_checkpoint(str(ckpt), tag=tag)
+                if reference_engine is not None:
+                    reference_engine.load_checkpoint(str(run_dir / REFERENCE_CHECKPOINT_DIR), tag=tag)
+            except Exception as e:  # a corrupt file: any error of torch.load or DeepSpeed
+                why = f"{ckpt / tag} failed to load ({type(e).__name__}: {str(e)[:200]})"
+        if _any_rank(why is not None or client is None):
+            warnings.append(
+                f"lowbit: warning: checkpoint {ckpt / tag} is unusable: {why or 'another rank failed to load it'}"
+            )
+            continue
+        assert client is not None
+        recipe.load_state_dict(client.get("recipe", {}))  # e.g. delayed-scaling amax histories
+        step = int(client["step"])
+        return step, "\n".join([*warnings, f"resumed from {ckpt} at step {step}"])
+    raise RuntimeError("no usable checkpoint in " + str(ckpt) + ":\n" + "\n".join(warnings))
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when ``flag`` holds on any rank (every rank calls it)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

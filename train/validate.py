@@ -152,6 +152,10 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         raise ConfigError(
             "trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 disables periodic checkpoints)"
         )
+    if t.keep_checkpoints < 0:
+        raise ConfigError(
+            "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 0 (0 keeps every checkpoint)"
+        )
     if t.micro_batch_size < 0:
         raise ConfigError(
             "trainer.micro_batch_size",

@@ -287,3 +287,70 @@ def test_an_unfinished_checkpoint_is_never_resumed_from_and_keep_prunes(finished
     res = run_lowbit([*CK, "trainer.keep_checkpoints=2"], run_dir=run_dir)
     assert "at step 20" in res.proc.stdout and numerics(res.metrics) == finished[1]
     assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["step_0000020", "step_0000030"]
+
+
+def test_secrets_in_the_environment_reach_no_file_of_the_run(tmp_path):
+    """API keys and tokens: never in run_config.yaml, metrics, the W&B run files or the console."""
+    secret = "lowbit-secret-7f3a9c"
+    env = {
+        "WANDB_API_KEY": secret,
+        "HF_TOKEN": secret,
+        "MY_SERVICE_PASSWORD": secret,
+        "WANDB_MODE": "offline",
+    }
+    res = run_lowbit(["trainer.max_steps=2", "trainer.eval_sequences=16"], run_dir=tmp_path / "run", env=env)
+    assert secret not in res.proc.stdout + res.proc.stderr
+    files = [f for f in (tmp_path / "run").rglob("*") if f.is_file()]
+    assert any(f.suffix == ".wandb" for f in files) and any(f.name == "run_config.yaml" for f in files)
+    leaked = [str(f) for f in files if secret.encode() in f.read_bytes()]
+    assert not leaked, leaked
+
+
+def test_wandb_online_with_a_server_that_never_answers_trains_offline(tmp_path):
+    """A local socket that accepts connections and never answers stands in for an unreachable server."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])  # accept, read nothing, answer nothing
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        env = {"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40,
+               "WANDB_BASE_URL": f"http://127.0.0.1:{srv.getsockname()[1]}"}  # fmt: skip
+        res = run_lowbit(["trainer.max_steps=2", "trainer.eval_sequences=16", "logger.wandb.init_timeout_s=2"],
+                         run_dir=tmp_path / "run", env=env, timeout=120)  # fmt: skip
+    finally:
+        stop.set()
+        srv.close()
+        for c in held:
+            c.close()
+    assert "did not answer within 2 s" in res.proc.stdout and "logging offline" in res.proc.stdout
+    assert [r["step"] for r in res.metrics][-1] == 2
+
+
+def test_a_wandb_exception_never_stops_training(tmp_path, capsys):
+    """A real W&B failure (its Histogram refuses non-numbers) inside log(): printed once, W&B off."""
+    from train.cli import compose
+    from train.telemetry.loggers import WandbLogger
+
+    cfg = compose(["logger.wandb.mode=offline"])
+    wb = WandbLogger(cfg, run_dir=tmp_path, config={})
+    wb.log({"train/loss": 1.0}, step=1)
+    wb.log({"grad/x_hist": ["not", "numbers"]}, step=2)
+    wb.log({"train/loss": 0.5}, step=3)
+    wb.summary({"state": "completed"})
+    wb.close()
+    out = capsys.readouterr().out
+    assert wb.failed and out.count("lowbit: W&B failed") == 1 and "metrics.jsonl has every row" in out

@@ -136,6 +136,8 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     mode: Optional[str] = None
     """None: follow $WANDB_MODE, defaulting to offline."""
+    init_timeout_s: float = 20.0
+    """Online: how long the W&B server may take to answer before the run logs offline instead."""
 
 
 @dataclass

@@ -227,6 +227,10 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         raise ConfigError("model.vocab_size", m.vocab_size, "byte tokens need a vocabulary of at least 256")
     if cfg.logger.wandb.mode not in (None, "offline", "online", "disabled"):
         raise ConfigError("logger.wandb.mode", cfg.logger.wandb.mode, "use null, offline, online or disabled")
+    if not cfg.logger.wandb.init_timeout_s > 0:
+        raise ConfigError(
+            "logger.wandb.init_timeout_s", cfg.logger.wandb.init_timeout_s, "must be > 0 seconds"
+        )
     env_mode = os.environ.get("WANDB_MODE")
     if cfg.logger.wandb.mode is None and env_mode and env_mode not in ("offline", "online", "disabled"):
         raise ConfigError(

@@ -134,6 +134,23 @@ def wandb_api_key_present() -> bool:
         return False
 
 
+def wandb_server_problem(timeout_s: float) -> str | None:
+    """None when the W&B server (``$WANDB_BASE_URL``, else api.wandb.ai) answers an HTTP request
+    within ``timeout_s`` (any status counts: it is up), else what went wrong."""
+    import urllib.error
+    import urllib.request
+
+    url = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").rstrip("/")
+    try:
+        urllib.request.urlopen(url + "/healthz", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return f"{url} did not answer within {timeout_s:g} s ({reason})"
+    return None
+
+
 class WandbLogger:
     def __init__(self, cfg: RunConfig, *, run_dir: Path, config: dict[str, Any]):
         import wandb
@@ -145,6 +162,11 @@ class WandbLogger:
             # without a key W&B refuses to start (a UsageError): train anyway, logged offline
             print(f"lowbit: W&B is online but has no API key (WANDB_API_KEY, or `wandb login`): logging "
                   f"offline; sync later with `wandb sync {run_dir / 'wandb'}`", flush=True)  # fmt: skip
+            mode = "offline"
+        if mode == "online" and (why := wandb_server_problem(w.init_timeout_s)):
+            # W&B's own init would wait for minutes: train now, logged offline
+            print(f"lowbit: W&B server {why}: logging offline; sync later with `wandb sync {run_dir / 'wandb'}`",
+                  flush=True)  # fmt: skip
             mode = "offline"
         self.run = wandb.init(
             project=w.project,
@@ -159,6 +181,7 @@ class WandbLogger:
             resume="allow",
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )
+        self.failed = False
         self.run.define_metric("step")
         self.run.define_metric("val/loss", step_metric="step", summary="min")
         self._families: set[str] = set()
@@ -174,6 +197,21 @@ class WandbLogger:
         return path.read_text().strip()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._guard(self._log, metrics, step)
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        """W&B never stops training: its first exception is printed once, then W&B is switched off
+        for the rest of the run (metrics.jsonl stays complete)."""
+        if self.failed:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # anything W&B raises: a network, disk or protocol failure
+            self.failed = True
+            print(f"lowbit: W&B failed ({type(e).__name__}: {e}); W&B is off for the rest of this run, "
+                  "metrics.jsonl has every row", flush=True)  # fmt: skip
+
+    def _log(self, metrics: dict[str, Any], step: int) -> None:
         import wandb
 
         for family in {k.split("/", 1)[0] for k in metrics if "/" in k} - self._families:
@@ -186,10 +224,10 @@ class WandbLogger:
         self.run.log({"step": step, **row}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
-        self.run.summary.update(values)
+        self._guard(self.run.summary.update, values)
 
     def close(self) -> None:
-        self.run.finish()
+        self._guard(self.run.finish)
 
 
 class MultiLogger:

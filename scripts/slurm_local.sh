@@ -256,11 +256,12 @@ cmd_stop() {
     stop_pidfile slurmd "$SLURMD_PID"
     stop_pidfile slurmctld "$CTLD_PID"
     stop_pidfile munged "$MUNGE_PID"
-    # daemons whose pid file was lost (e.g. two checkouts starting and stopping at once)
+    # daemons whose pid file was lost are not ours to stop by name (they may be another
+    # checkout's or the machine's own): say so and leave them
     local name
     for name in slurmd slurmctld munged; do
-        if command -v pkill >/dev/null && pkill -x "$name" 2>/dev/null; then
-            log "stopped a $name without a pid file"
+        if command -v pgrep >/dev/null && pgrep -x "$name" >/dev/null; then
+            log "warning: a $name without our pid file is still running (pids $(pgrep -x "$name" | tr '\n' ' ')); not stopped"
         fi
     done
     if command -v pgrep >/dev/null && pgrep -x slurmstepd >/dev/null; then

@@ -3,6 +3,7 @@ not hidden; bad inputs fail in one line before any start-up."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -354,3 +355,77 @@ def test_a_wandb_exception_never_stops_training(tmp_path, capsys):
     wb.close()
     out = capsys.readouterr().out
     assert wb.failed and out.count("lowbit: W&B failed") == 1 and "metrics.jsonl has every row" in out
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _spawned_workers(root: int) -> list[int]:
+    """Pids of the processes multiprocessing spawned directly below ``root`` (the local workers; lowbit's
+    launcher sets RANK inside them, so /proc/PID/environ does not tell which is which)."""
+    out = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if ppid == root and b"spawn_main" in cmd:
+            out.append(int(entry))
+    return sorted(out)
+
+
+def _start_two_ranks(run_dir):
+    args = ["+recipe=bf16", "parallel=zero2", "launcher.nproc_per_node=2", "trainer.max_steps=400",
+            "trainer.log_every=1", "logger=none", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    wait_for_step(run_dir / "metrics.jsonl", 3, proc=proc)
+    workers = _spawned_workers(proc.pid)
+    assert len(workers) == 2, workers
+    return proc, workers
+
+
+def _gone(pids, timeout=30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [
+            p
+            for p in pids
+            if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split(")")[1][:3]
+        ]
+        if not alive:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.dist
+def test_workers_die_with_a_sigkilled_launcher(tmp_path):
+    """torch elastic's spawned workers already end when their agent dies; ``die_with_parent``
+    (``PR_SET_PDEATHSIG``) makes it a guarantee. Either way no worker may train on as an orphan."""
+    proc, workers = _start_two_ranks(tmp_path / "run")
+    try:
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only: no handler runs, nothing is forwarded
+        proc.communicate(timeout=30)
+        assert _gone(workers), "orphaned workers kept running"
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.dist
+def test_a_dead_rank_ends_the_run_instead_of_hanging(tmp_path):
+    proc, workers = _start_two_ranks(tmp_path / "run")
+    try:
+        os.kill(workers[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)  # well inside launcher.collective_timeout_s
+        assert proc.returncode != 0 and _gone(workers)
+        assert not (tmp_path / "run" / "summary.json").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

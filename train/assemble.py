@@ -61,7 +61,7 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
         distenv.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=denv.local_world_size)
     )
     distenv.export(denv)
-    init_distributed(plan.device)
+    init_distributed(plan.device, timeout_s=cfg.launcher.collective_timeout_s)
     if plan.device == "cuda":
         torch.cuda.set_device(denv.local_rank)
     if denv.is_distributed:  # every rank writes into rank 0's run directory

@@ -92,9 +92,11 @@ def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
     return ds
 
 
-def init_distributed(device: str) -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
+def init_distributed(device: str, *, timeout_s: int = 600) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU); a collective that
+    waits longer than ``timeout_s`` (``launcher.collective_timeout_s``) raises instead of hanging."""
     import logging
+    from datetime import timedelta
 
     import deepspeed
 
@@ -103,7 +105,8 @@ def init_distributed(device: str) -> None:
         # DeepSpeed's CPU shared-memory all-reduce is an optional speed-up that it
         # JIT-compiles (~1 min) on first init; gloo carries every collective without it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False,
+                               timeout=timedelta(seconds=timeout_s))  # fmt: skip
 
 
 def build_engine(model: nn.Module, cfg: RunConfig, plan: Plan):

@@ -34,12 +34,28 @@ def exit_cleanly_at_exit() -> None:
 
 
 def worker_entry(cfg: RunConfig, plan: Plan, run_dir: str) -> dict[str, Any]:
-    """Runs in each local worker started by ``launch``; torch elastic set RANK & co."""
+    """Runs in each local worker started by ``launch``; torch elastic set RANK & co. A worker dies
+    with the process that started it (Linux ``PR_SET_PDEATHSIG``): a SIGKILLed launcher leaves no
+    orphans training on."""
     from train.loop import run_training
 
+    die_with_parent()
     summary = run_training(cfg, plan, Path(run_dir))
     exit_cleanly_at_exit()
     return summary
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a no-op elsewhere)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def launch(cfg: RunConfig, plan: Plan, run_dir: Path) -> dict[str, Any]:

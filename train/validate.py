@@ -205,6 +205,10 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         )
     if p.offload_param and p.zero_stage < 3:
         raise ConfigError("parallel.offload_param", True, "parameter offload needs parallel.zero_stage=3")
+    if cfg.launcher.collective_timeout_s < 1:
+        raise ConfigError(
+            "launcher.collective_timeout_s", cfg.launcher.collective_timeout_s, "must be >= 1 second"
+        )
     if cfg.launcher.nproc_per_node < 1:
         raise ConfigError("launcher.nproc_per_node", cfg.launcher.nproc_per_node, "must be >= 1")
     # recipe (recipe.name is a label; the kind, recipe.quantizer, is checked by the registry below)

@@ -17,8 +17,8 @@ from .test_preemption import wait_for_step
 
 #: wall-clock keys that differ between any two runs (everything else must be equal bit for bit)
 WALL_CLOCK = ("perf/",)
-STEPS = 40
-COMMON = [f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.eval_every=20",
+STEPS = 30
+COMMON = [f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.eval_every=15",
           "trainer.eval_sequences=16", "trainer.checkpoint_every=10", "logger=none"]  # fmt: skip
 
 
@@ -28,14 +28,13 @@ def numerics(rows: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("args", [
     ["+recipe=bf16"],
-    ["+recipe=fp8_delayed"],
-    ["+recipe=fp8_delayed", "recipe.backend=torch"],
+    ["+recipe=fp8_delayed", "recipe.backend=torch"],  # the delayed-scaling state of both backends
     ["+recipe=nvfp4"],  # stochastic rounding: the generator state travels in the checkpoint
     pytest.param(["+recipe=bf16", "parallel=zero2", "launcher.nproc_per_node=2"], marks=pytest.mark.dist),
-], ids=["bf16", "fp8_delayed", "fp8_delayed_torch", "nvfp4", "bf16_zero2_2ranks"])  # fmt: skip
+], ids=["bf16", "fp8_delayed_torch", "nvfp4", "bf16_zero2_2ranks"])  # fmt: skip
 def test_sigkill_then_the_same_command_reproduces_the_uninterrupted_run(args, tmp_path):
-    """SIGKILL (no handler, no last checkpoint) at step 25 of 40 with a checkpoint every 10 steps:
-    the same command resumes from step 20 and its metrics.jsonl equals an uninterrupted run's in
+    """SIGKILL (no handler, no last checkpoint) after step 15 of 30 with a checkpoint every 10 steps:
+    the same command resumes from step 10 and its metrics.jsonl equals an uninterrupted run's in
     every key but the wall-clock ones."""
     ref = run_lowbit([*args, *COMMON], run_dir=tmp_path / "ref")
     run_dir = tmp_path / "killed"
@@ -43,12 +42,12 @@ def test_sigkill_then_the_same_command_reproduces_the_uninterrupted_run(args, tm
     proc = subprocess.Popen([sys.executable, str(RUN_PY), *args, *COMMON, f"hydra.run.dir={run_dir}"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
-    wait_for_step(run_dir / "metrics.jsonl", 25, proc=proc)
+    wait_for_step(run_dir / "metrics.jsonl", 15, proc=proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers, at once
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert latest in ("step_0000020", "step_0000030")  # 30 only if the machine stalled the kill
+    assert latest in ("step_0000010", "step_0000020")  # 20 only if the machine stalled the kill
     resumed = run_lowbit([*args, *COMMON], run_dir=run_dir)
     assert f"at step {int(latest[5:])}" in resumed.proc.stdout
     assert numerics(resumed.metrics) == numerics(ref.metrics)

@@ -154,6 +154,8 @@ class Telemetry:
         if cur.is_stat:
             cur.weights = weight_metrics(engine, self.stat_layers, grads=cur.grads)
         w = self.watch
+        if w is not None and w.policy != "skip":
+            w.fold()
         if w is not None and w.policy == "skip" and w.tripped(distributed=self.denv.is_distributed):
             w.count += 1
             w.reset()

@@ -16,8 +16,9 @@
 =========  ===============================================================================
 
 How: a hook on every parameter's gradient (it fires with each rank's local gradient, before
-DeepSpeed reduces or partitions it) ORs ``~isfinite(grad).all()`` into a per-parameter flag on the
-device, and each micro-batch's loss is flagged the same way: no host sync until a policy reads.
+DeepSpeed reduces or partitions it) keeps ``grad.sum()`` on the device, and so does each
+micro-batch's loss; a policy's read folds them into per-parameter flags (one host sync, one
+all-reduce). Cost: one reduction kernel per gradient per micro-batch.
 The report names the step, the first parameter whose gradient went non-finite in backward order
 (the layer nearest the loss, where a backward fault starts) or the loss when only the forward
 went non-finite, and the layer's last logged recipe statistics (``fp8/<layer>/...`` scales and
@@ -46,33 +47,62 @@ EXIT_NONFINITE = 3
 
 
 class NonFiniteWatch:
+    """One ``sum()`` per gradient and per loss, kept on the device: a sum is non-finite iff some
+    element is (NaN and Inf propagate; a finite sum that overflows is a broken state too). The
+    sums are folded into per-parameter flags only when a policy reads them."""
+
     def __init__(self, model: nn.Module, *, policy: str, device: torch.device | str):
         self.policy = policy
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
-        self.flags = torch.zeros(len(named), dtype=torch.bool, device=device)
+        self.device = torch.device(device)
+        self.flags = torch.zeros(len(named), dtype=torch.int32, device=device)
         self.loss_flag = torch.zeros((), dtype=torch.bool, device=device)
         self.order: list[int] = []  # parameter indices in the order their first gradient hook fired
         self.count = 0  # steps found non-finite (skip: skipped; log: logged)
         self.sticky = False  # a non-finite value was seen at some point (no checkpoint after that)
         self._seen: set[int] = set()
+        self._sums: list[torch.Tensor] = []  # 0-d gradient sums since the last fold
+        self._index: list[int] = []  # their parameter indices
+        self._losses: list[torch.Tensor] = []
+        self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._handles = [p.register_hook(self._hook(i)) for i, (_, p) in enumerate(named)]
 
     def _hook(self, i: int):
         def hook(grad: torch.Tensor) -> None:
-            if len(self.order) < len(self.names) and i not in self._seen:
+            if i not in self._seen:
                 self._seen.add(i)
                 self.order.append(i)
-            self.flags[i] |= ~torch.isfinite(grad).all()
+            self._sums.append(grad.sum())
+            self._index.append(i)
 
         return hook
 
     def observe_loss(self, loss: torch.Tensor) -> None:
-        self.loss_flag |= ~torch.isfinite(loss.detach()).all()
+        self._losses.append(loss.detach().sum())
+
+    def fold(self) -> None:
+        """Fold this step's sums into the flags, on the device (no host sync; bounds the memory)."""
+        self._fold()
+
+    def _fold(self) -> None:
+        if self._sums:
+            bad = (~torch.isfinite(torch.stack([s.float() for s in self._sums]))).to(torch.int32)
+            key = tuple(self._index)  # the same backward order every step: one copy to the device, once
+            if key not in self._idx_cache:
+                self._idx_cache[key] = torch.tensor(key, device=self.flags.device)
+            self.flags.scatter_reduce_(0, self._idx_cache[key], bad.to(self.flags.device), reduce="amax")
+            self._sums, self._index = [], []
+        if self._losses:
+            self.loss_flag |= ~torch.isfinite(torch.stack(self._losses).float()).all().to(
+                self.loss_flag.device
+            )
+            self._losses = []
 
     def tripped(self, *, distributed: bool) -> bool:
         """Any rank saw a non-finite loss or gradient since the last ``reset`` (one host sync)."""
-        bad = (self.flags.any() | self.loss_flag).to(torch.int32).reshape(1)
+        self._fold()
+        bad = ((self.flags.amax() > 0) | self.loss_flag).to(torch.int32).reshape(1)
         if distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         found = bool(bad.item())
@@ -80,12 +110,14 @@ class NonFiniteWatch:
         return found
 
     def reset(self) -> None:
+        self._fold()
         self.flags.zero_()
         self.loss_flag.zero_()
 
     def report(self, step: int, recipe_stats: dict[str, float]) -> dict[str, Any]:
         """What went non-finite first (this rank's view), with the layer's last recipe statistics."""
-        flags = self.flags.tolist()
+        self._fold()
+        flags = [bool(f) for f in self.flags.tolist()]
         first = next((self.names[i] for i in self.order if flags[i]), None)
         layer, _, kind = (first or "").rpartition(".")
         where: dict[str, Any]

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +177,21 @@ def quant_linear(
     return _QuantLinearFn.apply(x, weight, bias, qs, training)
 
 
+L = TypeVar("L", bound=nn.Linear)
+
+
+def adopt_linear(cls: type[L], linear: nn.Linear, *, name: str) -> L:
+    """A ``cls`` (an ``nn.Linear`` subclass) holding ``linear``'s own Parameter objects (no
+    re-initialisation, no copy) and ``layer_name = name``; the caller sets the rest."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = linear.in_features, linear.out_features
+    new.weight = linear.weight
+    new.bias = linear.bias
+    new.layer_name = name  # type: ignore[assignment]
+    return new
+
+
 class QuantLinear(nn.Linear):
     """``nn.Linear`` whose GEMMs quantize their operands by role; same ``weight``/``bias`` parameters.
 
@@ -190,13 +205,8 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantizers: LinearQuantizers, *, name: str = "") -> QuantLinear:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight = linear.weight
-        new.bias = linear.bias
+        new = adopt_linear(cls, linear, name=name)
         new.quantizers = quantizers
-        new.layer_name = name
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

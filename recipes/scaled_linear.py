@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from recipes.fp8.gemm import Operand, scaled_gemm
+from recipes.qlinear import adopt_linear
 from recipes.quantizers import RoleQuantizer
 
 __all__ = ["CastEpoch", "ScaledGemms", "ScaledLinear", "scaled_linear"]
@@ -171,13 +172,8 @@ class ScaledLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, gemms: ScaledGemms, *, name: str = "") -> ScaledLinear:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight = linear.weight
-        new.bias = linear.bias
+        new = adopt_linear(cls, linear, name=name)
         new.layer = _Layer(gemms)
-        new.layer_name = name
         return new
 
     @property

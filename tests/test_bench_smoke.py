@@ -59,3 +59,14 @@ def test_recipe_step_bench_times_both_fp8_backends():
         line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line
     ]
     assert labels == ["recipe", "bf16", "fp8_current emulated", "fp8_current torch"], out
+
+
+def test_report_scale_bench_times_table_and_report():
+    out = run_module("bench.report_scale", "--runs", "5", "--steps", "120", "--reps", "1", timeout=180)
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in out.splitlines()
+        if line.startswith("| t") or line.startswith("| r")
+    }
+    assert set(rows) == {"table", "report"}, out[-2000:]
+    assert all(float(r.split("|")[2]) > 0 for r in rows.values())

@@ -105,3 +105,15 @@ def test_mx_formats_tiny_multirun_subset_from_the_command_line(tmp_path: Path):
     assert [p.name for p in jobs] == ["0", "1"], res.proc.stdout[-2000:]
     names = [yaml.safe_load((p / "run_config.yaml").read_text())["config"]["recipe"]["name"] for p in jobs]
     assert names == ["bf16", "mxfp4_e2m1"]
+
+
+def test_recipe_sweep_is_five_recipes_by_three_seeds():
+    """The team-review preset: the issue's standard comparison (15 runs x 400 steps at tiny scale)."""
+    params = sweeper_params(["experiment=recipe_sweep"])
+    presets = params["+recipe"].split(",")
+    assert presets == ["bf16", "mxfp8_e4m3", "mxfp4_e2m1", "fp8_delayed", "nvfp4"]
+    assert params["trainer.seed"].split(",") == ["1", "2", "3"]
+    for name in presets:
+        cfg = compose(["experiment=recipe_sweep", f"+recipe={name}", "trainer.seed=2"])
+        assert cfg.recipe.name == name and cfg.model.name == "tiny" and cfg.trainer.max_steps == 400
+        assert cfg.trainer.seed == 2 and "recipe_sweep" in cfg.logger.wandb.tags

@@ -65,6 +65,10 @@ def test_signal_checkpoints_then_resume_matches_uninterrupted(sig, tmp_path):
     proc.send_signal(sig)
     stopped_at = assert_preempted(proc, run_dir, signalled_after=8, max_steps=40)
     assert not (run_dir / "summary.json").exists()
+    from train.sweep_index import run_state
+
+    state, reason = run_state(run_dir)  # what sweep.json and the report say about it
+    assert state == "preempted" and f"step {stopped_at}" in reason, (state, reason)
 
     resumed = run_lowbit(ARGS, run_dir=run_dir)  # trainer.resume=auto is the default
     assert f"resumed from {run_dir / 'checkpoints'} at step {stopped_at}" in resumed.proc.stdout
@@ -72,6 +76,7 @@ def test_signal_checkpoints_then_resume_matches_uninterrupted(sig, tmp_path):
     assert resumed.losses() == ref.losses()
     assert resumed.metrics[-1]["val/loss"] == ref.metrics[-1]["val/loss"]
     assert len(read_jsonl(run_dir / "job.jsonl")) == 2
+    assert run_state(run_dir) == ("completed", "")
 
 
 def _worker_pids(root: int) -> dict[int, int]:

@@ -79,7 +79,11 @@ def test_wandb_offline_run_matches_metrics_jsonl(runs):
     assert len(files) == 1
     wb = read_run(files[0])
     assert wb["exit_code"] == 0
-    assert wb["run"]["project"] == "lowbit" and wb["run"]["name"] == res.run_dir.name
+    c = res.run_config["config"]
+    # named by what it is, tagged with the recipe's name, kind, formats, backend, model, parallelism
+    assert wb["run"]["project"] == "lowbit"
+    assert wb["run"]["name"] == f"tiny-bf16-native-zero0-s{c['trainer']['seed']}", wb["run"]["name"]
+    assert wb["run"]["tags"] == ["bf16", "native", "tiny", "single"], wb["run"]["tags"]
     assert wb["config"]["config"] == res.run_config["config"]
     assert wb["config"]["fingerprints"] == res.run_config["fingerprints"]
     hist = [{k: v for k, v in row.items() if not k.startswith("_")} for row in wb["history"]]

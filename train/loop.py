@@ -20,7 +20,7 @@ import torch.distributed as dist
 from train.assemble import Run, setup
 from train.data import eval_indices
 from train.engine import reset_deepspeed_state, skip_optimizer_step
-from train.rundir import checkpoint_due, save_checkpoint, write_summary
+from train.rundir import checkpoint_due, save_checkpoint, write_outcome
 from train.telemetry.collect import Decision
 from train.validate import Plan
 
@@ -85,8 +85,8 @@ def run_training(cfg: Any, plan: Plan, run_dir: Path) -> dict[str, Any]:
         run = setup(cfg, plan, run_dir)
         summary = train_loop(run)
         run.loggers.summary(summary)
-        if run.denv.is_main and summary["state"] == "completed":
-            write_summary(run.run_dir, summary)
+        if run.denv.is_main:
+            write_outcome(run.run_dir, summary)
         if dist.is_initialized():
             dist.barrier()  # only on success: after a failure the other ranks may never arrive
     finally:

@@ -61,6 +61,15 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         json.dump(summary, f, indent=1)
 
 
+def write_outcome(run_dir: Path, summary: dict[str, Any]) -> None:
+    """What ``train.sweep_index.run_state`` reads: ``summary.json`` for a completed run,
+    ``preempted.json`` for one that checkpointed on a preemption signal."""
+    if summary["state"] == "completed":
+        write_summary(run_dir, summary)
+    elif summary["state"] == "preempted":
+        (run_dir / "preempted.json").write_text(json.dumps({"step": summary.get("final/step")}) + "\n")
+
+
 def checkpoint_due(*, every: int, step: int, last_step: int) -> bool:
     """``trainer.checkpoint_every`` steps, and the last step when periodic checkpoints are on."""
     return bool(every) and (step % every == 0 or step == last_step)

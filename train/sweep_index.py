@@ -6,11 +6,21 @@ directory (``.hydra/overrides.yaml``, ``job.jsonl``, ``summary.json``,
 ``metrics.jsonl``). Works for the basic launcher and for submitit/Slurm, where
 jobs ran on other machines and only their files come back.
 
-States: ``completed`` (summary.json written), ``config_error`` / ``failed`` (the member wrote
-``member_error.json``: a config error, or an exception in training; ``reason`` says which),
-``incomplete`` (started, no summary: killed, preempted or still requeued), ``missing`` (never
-started). A sweep with any member not ``completed`` exits with status 1, after every member
-ran and ``sweep.json`` was written.
+States (``STATES``, the vocabulary ``sweep.json`` and ``python -m train.report`` share; ``run_state``
+decides, from the files alone):
+
+* ``completed``: ``summary.json`` written (the trainer writes it only on success);
+* ``config_error`` / ``failed`` / ``nonfinite``: the member wrote ``member_error.json`` (a config
+  error; an exception in training; ``trainer.on_nonfinite=stop`` stopped it), or a single run
+  left ``nonfinite_report.json``; ``reason`` says what;
+* ``preempted``: the trainer checkpointed on a preemption signal and exited for requeue
+  (``preempted.json``), and no restart began after it;
+* ``running``: started (``job.jsonl``), none of the above: in progress, requeued, or killed
+  without a word (a SIGKILL leaves nothing to tell these apart);
+* ``missing``: never started.
+
+A sweep with any member not ``completed`` exits with status 1, after every member ran and
+``sweep.json`` was written.
 """
 
 from __future__ import annotations
@@ -25,6 +35,28 @@ from omegaconf import DictConfig
 
 #: written by a sweep member that failed (``train/run.py``): {"state": ..., "reason": ...}
 MEMBER_ERROR = "member_error.json"
+#: written by the trainer when it stops on a preemption signal: {"step": N}
+PREEMPTED = "preempted.json"
+STATES = ("completed", "running", "preempted", "failed", "config_error", "nonfinite", "missing")
+
+
+def run_state(run_dir: Path) -> tuple[str, str]:
+    """(state, reason) of one run directory, from the files it left (see the module docstring)."""
+    if (run_dir / "summary.json").exists():
+        return "completed", ""
+    error = run_dir / MEMBER_ERROR
+    if error.exists():
+        rec = json.loads(error.read_text())
+        return rec["state"], rec.get("reason", "")
+    if (run_dir / "nonfinite_report.json").exists():
+        return "nonfinite", f"report: {run_dir / 'nonfinite_report.json'}"
+    starts, preempted = run_dir / "job.jsonl", run_dir / PREEMPTED
+    if preempted.exists() and (not starts.exists() or preempted.stat().st_mtime >= starts.stat().st_mtime):
+        step = json.loads(preempted.read_text()).get("step")
+        return "preempted", f"checkpointed at step {step}, waiting for requeue"
+    if starts.exists() or (run_dir / "metrics.jsonl").exists():
+        return "running", ""
+    return "missing", ""
 
 
 def record_member_failure(run_dir: Path, state: str, reason: str) -> None:
@@ -51,14 +83,12 @@ def job_record(job_dir: Path) -> dict[str, Any]:
             else last.get("slurm_job_id")
         )
         rec["restarts"] = len(lines) - 1
-        rec["state"] = "incomplete"
+    rec["state"], reason = run_state(job_dir)
+    if reason:
+        rec["reason"] = reason
     summary = job_dir / "summary.json"
     if summary.exists():
-        rec["state"] = "completed"
         rec["summary"] = json.loads(summary.read_text())
-    error = job_dir / MEMBER_ERROR
-    if error.exists():
-        rec.update(json.loads(error.read_text()))
     metrics = job_dir / "metrics.jsonl"
     if metrics.exists():
         rows = [line for line in metrics.read_text().splitlines() if line.strip()]

@@ -151,6 +151,25 @@ def wandb_server_problem(timeout_s: float) -> str | None:
     return None
 
 
+def run_name(config: dict[str, Any]) -> str:
+    """What a run is, for W&B's run list: ``<model>-<recipe>-<backend>-zero<stage>-s<seed>``
+    (``tiny-mxfp4_e2m1-emulated-zero0-s1``), from the run's own config (``logger.wandb.name`` wins)."""
+    c, r = config.get("config", {}), config.get("resolved", {}).get("recipe", {})
+    backend = r.get("resolved_backend") or c["recipe"]["backend"]
+    return f"{c['model']['name']}-{c['recipe']['name']}-{backend}-zero{c['parallel']['zero_stage']}-s{c['trainer']['seed']}"
+
+
+def run_tags(config: dict[str, Any]) -> list[str]:
+    """The recipe's name, kind and element formats, the backend, the model and the parallelism, as
+    tags (the recipe's own values, never parsed), after the user's ``logger.wandb.tags``."""
+    c, r = config.get("config", {}), config.get("resolved", {}).get("recipe", {})
+    rc = c["recipe"]
+    fields = ("input_format", "weight_format", "grad_output_format")
+    found = [rc["name"], rc["quantizer"], *(rc[f] for f in fields), r.get("resolved_backend"),
+             c["model"]["name"], c["parallel"]["name"]]  # fmt: skip
+    return [str(t) for t in dict.fromkeys(found) if t not in (None, "none", "")]
+
+
 class WandbLogger:
     def __init__(self, cfg: RunConfig, *, run_dir: Path, config: dict[str, Any]):
         import wandb
@@ -172,8 +191,8 @@ class WandbLogger:
             project=w.project,
             entity=w.entity,
             group=w.group,
-            name=w.name or run_dir.name,
-            tags=list(w.tags),
+            name=w.name or run_name(config),
+            tags=list(dict.fromkeys([*w.tags, *run_tags(config)]))[:64],
             config=config,
             dir=str(run_dir),
             mode=mode,

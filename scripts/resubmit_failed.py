@@ -3,9 +3,11 @@
     python -m scripts.resubmit_failed SWEEP_DIR            # resubmit
     python -m scripts.resubmit_failed SWEEP_DIR --dry-run  # print the commands only
 
-Each incomplete, failed or missing job (see SWEEP_DIR/sweep.json, rebuilt from the job
-directories) is submitted again; a ``config_error`` member is not (a rerun fails the same way:
-fix the override and rerun that member by hand), nor is a completed one. It is submitted again with its original overrides, its original
+Each ``running`` (started, never finished: killed), ``preempted``, ``failed`` or ``missing`` job
+(see SWEEP_DIR/sweep.json, rebuilt from the job directories; the states are
+``train.sweep_index.STATES``) is submitted again; run it once the sweep has ended. A
+``config_error`` or ``nonfinite`` member is not (a rerun fails the same way: fix the override,
+or the recipe, and rerun that member by hand), nor is a completed one. It is submitted again with its original overrides, its original
 Hydra launcher settings (``hydra/launcher=slurm``, partition, ...), and
 ``hydra.sweep.dir=SWEEP_DIR hydra.sweep.subdir=<its number>``, so it lands in
 the same run directory and ``trainer.resume=auto`` continues from its latest

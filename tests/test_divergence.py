@@ -120,3 +120,24 @@ def test_run_dir_reference_deltas_and_refusal(bf16_reference, tmp_path):
         check=False,
     )
     assert bad.proc.returncode == 2 and "d_model" in bad.proc.stderr
+    # same config, other initial weights (e.g. made by other code): found only once the model is
+    # built, and still one line, exit 2, no traceback
+    import shutil
+
+    import yaml
+
+    forged = tmp_path / "forged_ref"
+    shutil.copytree(bf16_reference.run_dir, forged, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
+    rc = yaml.safe_load((forged / "run_config.yaml").read_text())
+    rc["fingerprints"]["init_weights"] = "0123456789abcdef"
+    (forged / "run_config.yaml").write_text(yaml.safe_dump(rc))
+    bad = run_lowbit(
+        ["+recipe=fp32", f"reference.run_dir={forged}", *ARGS], run_dir=tmp_path / "d", check=False
+    )
+    assert bad.proc.returncode == 2, bad.proc.stderr[-2000:]
+    assert (
+        bad.proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"lowbit: config error: reference.run_dir={forged}: ")
+    )
+    assert "initial weights" in bad.proc.stderr and "Traceback" not in bad.proc.stderr

@@ -428,3 +428,30 @@ def test_a_dead_rank_ends_the_run_instead_of_hanging(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_slurm_run_dirs_are_unique_per_invocation_and_found_again_after_requeue(tmp_path):
+    """Two runs in one allocation never share a run dir; ranks agree without talking; a requeue
+    (SLURM_RESTART_COUNT + 1) maps each command back to its own dir (the real-cluster side:
+    tests/test_slurm_train.py)."""
+    from train.cli import slurm_stamp
+
+    claims = tmp_path / "claims"
+    job = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0"}
+
+    def stamps(env: dict[str, str], n: int) -> list[str]:
+        return [slurm_stamp(env, claims) for _ in range(n)]
+
+    first = stamps(job, 3)
+    assert first == ["slurm-77.0", "slurm-77.0-2", "slurm-77.0-3"]
+    assert stamps({**job, "SLURM_PROCID": "1"}, 3) == first  # rank 1 of the same commands: same dirs
+    assert stamps({**job, "SLURM_STEP_ID": "1"}, 1) == ["slurm-77.1"]  # another srun step
+    assert stamps({**job, "SLURM_RESTART_COUNT": "1"}, 2) == first[:2]  # requeued: its own dirs again
+    assert stamps({"SLURM_JOB_ID": "78", "SLURM_STEP_ID": "4294967294"}, 1) == ["slurm-78.batch"]
+    array = {
+        "SLURM_JOB_ID": "90",
+        "SLURM_ARRAY_JOB_ID": "89",
+        "SLURM_ARRAY_TASK_ID": "3",
+        "SLURM_STEP_ID": "0",
+    }
+    assert stamps(array, 1) == ["slurm-89_3.0"]

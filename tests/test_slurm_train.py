@@ -91,7 +91,7 @@ def wait_job(job_id: str, *, log: Path, timeout: float = 420) -> str:
 
 
 def run_dir_of(env: dict[str, str], job_id: str) -> Path:
-    return Path(env["LOWBIT_OUTPUTS"]) / "runs" / f"slurm-{job_id}"
+    return Path(env["LOWBIT_OUTPUTS"]) / "runs" / f"slurm-{job_id}.0"  # the template's srun: step 0
 
 
 def test_sbatch_two_rank_deepspeed_job(slurm_env, tmp_path):
@@ -272,3 +272,26 @@ def run_lowbit_local(args: list[str], run_dir: Path) -> list[dict]:
     from .conftest import run_lowbit
 
     return run_lowbit(args, run_dir=run_dir).metrics
+
+
+def test_two_runs_in_one_allocation_get_their_own_run_dirs(slurm_env, tmp_path):
+    """Two `train/run.py` in one srun step (one rank): `slurm-<job>.0` and `slurm-<job>.0-2`, both
+    complete, neither truncating or resuming the other (train.cli.slurm_stamp)."""
+    log = tmp_path / "job.out"
+    args = " ".join(["trainer.max_steps=3", *COMMON])
+    script = tmp_path / "two_runs.sbatch"
+    script.write_text(
+        f"#!/bin/bash\nset -euo pipefail\ncd {ROOT}\n"
+        f"srun bash -c 'python train/run.py {args} trainer.seed=1 && python train/run.py {args} trainer.seed=2'\n"
+    )
+    proc = subprocess.run(["sbatch", "--parsable", "--ntasks=1", f"--output={log}", str(script)],
+                          cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    assert wait_job(job, log=log, timeout=300) == "COMPLETED", log.read_text()[-4000:]
+    first, second = run_dir_of(slurm_env, job), run_dir_of(slurm_env, job).with_name(f"slurm-{job}.0-2")
+    for run_dir, seed in ((first, 1), (second, 2)):
+        assert json.loads((run_dir / "summary.json").read_text())["state"] == "completed", run_dir
+        assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+        assert f"seed: {seed}" in (run_dir / "run_config.yaml").read_text()
+        assert len(read_jsonl(run_dir / "job.jsonl")) == 1  # neither resumed the other

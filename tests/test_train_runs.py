@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.wandb_offline import find_run_files, read_run
 
@@ -122,9 +124,8 @@ def test_golden_loss_curves(runs):
     [("ddp", "fp32"), ("zero1", "bf16"), ("zero2", "fp32"), ("zero3", "bf16")],
 )
 def test_two_process_deepspeed(parallel, recipe, runs, tmp_path):
-    res = run_lowbit(
-        [f"parallel={parallel}", f"+recipe={recipe}", "launcher.nproc_per_node=2", *COMMON], run_dir=tmp_path
-    )
+    args = [f"parallel={parallel}", f"+recipe={recipe}", "launcher.nproc_per_node=2", *COMMON]
+    res = run_lowbit([*args, f"trainer.checkpoint_every={STEPS}"], run_dir=tmp_path)
     assert_trains(res)
     rc = res.run_config
     assert rc["resolved"]["world_size"] == 2 and rc["resolved"]["launcher"] == "lowbit"
@@ -135,6 +136,20 @@ def test_two_process_deepspeed(parallel, recipe, runs, tmp_path):
     tol = 1e-4 if recipe == "fp32" else 2e-2
     assert max(abs(got[s] - ref[s]) for s in ref) < tol
     assert len(list((tmp_path).glob("metrics.jsonl"))) == 1 and len(find_run_files(tmp_path)) == 1
+    # python -m train.export: the FP32 master weights of this ZeRO stage's 2-rank checkpoint, loaded
+    # without DeepSpeed into train.model under the same recipe and dtype, give the run's val loss
+    # (one process, so the evaluation batches differ from the run's two: float tolerance only)
+    out = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path), "--eval"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    val = float(out.stdout.split("val/loss ")[1])
+    assert val == pytest.approx(res.metrics[-1]["val/loss"], abs=1e-5 if recipe == "fp32" else 5e-3)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    cfg = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert (cfg["world_size"], cfg["step"], cfg["recipe"]) == (2, STEPS, recipe)
 
 
 @pytest.mark.dist
@@ -162,6 +177,20 @@ def test_checkpoint_and_resume_reproduce_the_run(runs, tmp_path):
     assert steps == list(range(11, STEPS + 1))
     assert {s: full.losses()[s] for s in steps} == resumed.losses()
     assert full.losses() == runs["fp32"].losses()  # checkpointing does not touch numerics
+    out = subprocess.run([sys.executable, "-m", "train.export", str(full.run_dir), "--eval"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("val/loss ")[1].strip() == f"{full.metrics[-1]['val/loss']:.10f}"  # 1 rank: exact
+    # the checkpoint records its layout; another world size or ZeRO stage is refused before start-up
+    manifest = json.loads((ckpt / "step_0000010" / "manifest.json").read_text())
+    assert (manifest["world_size"], manifest["zero_stage"]) == (1, 0)
+    for other in (["launcher.nproc_per_node=2", "parallel=ddp"], ["parallel=zero1"]):
+        bad = run_lowbit(["+recipe=fp32", *COMMON, f"trainer.resume={ckpt}", *other], run_dir=tmp_path / "x",
+                         check=False, timeout=60)  # fmt: skip
+        assert bad.proc.returncode == 2, bad.proc.stderr[-2000:]
+        line = bad.proc.stderr.strip().splitlines()
+        assert len(line) == 1 and line[0].startswith(f"lowbit: config error: trainer.resume={ckpt}: "), line
+        assert "written by 1 rank(s) at ZeRO stage 0" in line[0]
 
 
 def test_local_multirun_two_recipes(tmp_path):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from recipes.base import Recipe, get_recipe
 from recipes.config import RecipeConfig
+from recipes.errors import ConfigError
 from recipes.numerics import get_spec
 from train import distenv, rundir
 from train.config import RunConfig
@@ -122,7 +123,10 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     if isinstance(reference, FileReference) and (
         why := reference.fingerprint_mismatch(resolved["fingerprints"])
     ):
-        raise RuntimeError(f"reference.run_dir={reference.run_dir} is not a reference for this run: {why}")
+        raise ConfigError(
+            "reference.run_dir", reference.run_dir,
+            f"not a reference for this run: {why}; train the reference with this code and config, or drop it",
+        )  # fmt: skip
     if denv.is_main:
         rundir.write_run_config(run_dir, resolved)
         rundir.write_job_info(run_dir, start_step=start_step)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,13 +54,42 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+#: Slurm's step ids above this are its batch / extern / interactive steps, not an ``srun`` step
+_SLURM_MAX_STEP = 0xFFFFFFF0
+
+
+def slurm_stamp(env: dict[str, str], claims: Path) -> str:
+    """``slurm-<job>[_<task>].<step>[-<k>]``: unique per invocation, the same on every rank of it,
+    and the same again after a requeue, from Slurm's ids alone (never a clock ranks could disagree on).
+
+    ``<step>`` is the ``srun`` step id (``batch`` for a command the batch script runs itself);
+    ``-<k>`` marks the k-th (k >= 2) invocation of ``train/run.py`` by the same rank in the same
+    step, counted per rank and per ``SLURM_RESTART_COUNT`` in ``claims/`` (every rank runs the
+    same commands, so each counts the same k without talking to the others; a requeued job
+    counts from 1 again, so each command finds its own run directory and resumes it)."""
+    job = env.get("SLURM_ARRAY_JOB_ID") or env["SLURM_JOB_ID"]
+    task = env.get("SLURM_ARRAY_TASK_ID") if env.get("SLURM_ARRAY_JOB_ID") else None
+    step = env.get("SLURM_STEP_ID", "")
+    step = step if step.isdigit() and int(step) < _SLURM_MAX_STEP else "batch"
+    base = f"slurm-{job}" + (f"_{task}" if task else "") + f".{step}"
+    rank = env.get("SLURM_PROCID", "0")
+    claims.mkdir(parents=True, exist_ok=True)
+    tally = claims / f"{base}.restart{env.get('SLURM_RESTART_COUNT', '0')}.rank{rank}"
+    with open(tally, "a+") as f:
+        f.seek(0)
+        k = len(f.read().splitlines()) + 1
+        f.write(f"{os.getpid()}\n")
+    return base if k == 1 else f"{base}-{k}"
+
+
+@functools.cache
 def run_stamp() -> str:
-    """Run-directory name. Derived from the Slurm job id when there is one, so every
-    rank of a job (and a requeued job) agrees on it; otherwise the local time."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job:
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{job}" + (f"_{task}" if task else "")
+    """Run-directory name: ``slurm_stamp`` inside a Slurm job (so every rank of a job, and a
+    requeued job, agrees on it), otherwise the local time. Once per process: every composition
+    (the preflight's, Hydra's) sees the same name, and a Slurm invocation counts once."""
+    if os.environ.get("SLURM_JOB_ID"):
+        claims = Path(os.environ.get("LOWBIT_OUTPUTS", "outputs")) / "runs" / ".slurm_claims"
+        return slurm_stamp(dict(os.environ), claims)
     return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
@@ -144,10 +175,26 @@ def preflight(argv: list[str], *, conf_dir: str | Path = CONF_DIR) -> None:
             overrides.append(a)
         flag = a
     check_group_choices(overrides, conf_dir=str(conf_dir))
+    check_launcher(overrides, multirun=any(a in ("-m", "--multirun") for a in argv))
     check_output_dirs(overrides)
     if any(a in ("-m", "--multirun") for a in argv):
         return
     compose(overrides, conf_dir=conf_dir)
+
+
+def check_launcher(overrides: list[str], *, multirun: bool) -> None:
+    """``hydra/launcher=slurm`` submits sweep members with sbatch (submitit): Hydra ignores a
+    launcher without ``-m``, and without sbatch submitit fails with a traceback after the sweep dir
+    exists."""
+    for arg in overrides:
+        if _split_override(arg) != ("hydra/launcher", "slurm"):
+            continue
+        if not multirun:
+            raise ConfigError("hydra/launcher", "slurm", "a Hydra launcher runs sweeps only (Hydra ignores it "
+                              "here): add -m, or submit one run with sbatch slurm/train.sbatch")  # fmt: skip
+        if shutil.which("sbatch") is None:
+            raise ConfigError("hydra/launcher", "slurm", "sbatch is not on PATH: submit from a Slurm login node, "
+                              "or drop hydra/launcher=slurm to sweep on this machine")  # fmt: skip
 
 
 def check_output_dirs(overrides: list[str]) -> None:

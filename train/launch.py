@@ -37,10 +37,20 @@ def worker_entry(cfg: RunConfig, plan: Plan, run_dir: str) -> dict[str, Any]:
     """Runs in each local worker started by ``launch``; torch elastic set RANK & co. A worker dies
     with the process that started it (Linux ``PR_SET_PDEATHSIG``): a SIGKILLed launcher leaves no
     orphans training on."""
+    from recipes.errors import ConfigError
     from train.loop import run_training
 
     die_with_parent()
-    summary = run_training(cfg, plan, Path(run_dir))
+    try:
+        summary = run_training(cfg, plan, Path(run_dir))
+    except ConfigError as e:  # found after set-up began (every rank finds it): the one line, not a traceback
+        summary = {
+            "state": "config_error",
+            "reason": e.one_line(),
+            "key": e.key,
+            "value": str(e.value),
+            "fix": e.fix,
+        }
     exit_cleanly_at_exit()
     return summary
 

@@ -50,6 +50,13 @@ def main(dcfg: DictConfig) -> None:
         denv = distenv.detect()
         world = denv.world_size if denv.world_size > 1 else cfg.launcher.nproc_per_node
         plan = validate(cfg, world_size=world)
+        from train.rundir import resume_layout_problem
+
+        stage = cfg.parallel.zero_stage
+        if why := resume_layout_problem(
+            run_dir, cfg.trainer.resume, world_size=plan.world_size, zero_stage=stage
+        ):
+            raise why
     except ConfigError as e:
         if not multirun:
             config_error_exit(e)
@@ -62,6 +69,14 @@ def main(dcfg: DictConfig) -> None:
 
     try:
         summary = launch(cfg, plan, run_dir)
+        if summary.get("state") == "config_error":  # a local worker's (train.launch.worker_entry)
+            raise ConfigError(summary["key"], summary["value"], summary["fix"])
+    except ConfigError as e:  # found once set-up began (e.g. a reference run's fingerprints)
+        if not multirun:
+            config_error_exit(e)
+        print(e.one_line(), file=sys.stderr, flush=True)
+        record_member_failure(run_dir, "config_error", e.one_line())
+        return
     except Exception as e:
         if not multirun:
             raise

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.base import Recipe
+from recipes.errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 REFERENCE_CHECKPOINT_DIR = "checkpoints_reference"
@@ -115,7 +116,13 @@ def _save_one(engine: Any, ckpt: Path, tag: str, client_state: dict[str, Any] | 
         files = {
             str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()
         }
-        (partial / MANIFEST).write_text(json.dumps({"tag": tag, "files": files}, indent=1) + "\n")
+        import torch.distributed as dist
+
+        layout = {
+            "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
+            "zero_stage": int(engine.zero_optimization_stage()),
+        }
+        (partial / MANIFEST).write_text(json.dumps({"tag": tag, **layout, "files": files}, indent=1) + "\n")
         final = ckpt / tag
         if final.exists():  # an earlier attempt at this step
             shutil.rmtree(final)
@@ -136,6 +143,31 @@ def save_checkpoint(engine: Any, recipe: Recipe, run_dir: Path, step: int, *, re
     if reference_engine is not None:
         _save_one(reference_engine, run_dir / REFERENCE_CHECKPOINT_DIR, tag, None, keep)
     _save_one(engine, run_dir / CHECKPOINT_DIR, tag, {"step": step, "recipe": recipe.state_dict()}, keep)
+
+
+def resume_layout_problem(
+    run_dir: Path, resume: str, *, world_size: int, zero_stage: int
+) -> ConfigError | None:
+    """A checkpoint ``trainer.resume`` would load that another world size or ZeRO stage wrote:
+    refused before start-up (DeepSpeed's ZeRO shards and BF16 optimizer partitions are laid out
+    per rank; lowbit does not re-partition them). Checkpoints without a layout record pass."""
+    if resume == "none":
+        return None
+    ckpt = run_dir / CHECKPOINT_DIR if resume == "auto" else Path(resume)
+    latest = ckpt / "latest"
+    manifest = ckpt / latest.read_text().strip() / MANIFEST if latest.exists() else None
+    if manifest is None or not manifest.exists():
+        return None
+    m = json.loads(manifest.read_text())
+    theirs, ours = (m.get("world_size"), m.get("zero_stage")), (world_size, zero_stage)
+    if None in theirs or theirs == ours:
+        return None
+    return ConfigError(
+        "trainer.resume", resume,
+        f"{ckpt} was written by {theirs[0]} rank(s) at ZeRO stage {theirs[1]}, this run has {ours[0]} at "
+        f"stage {ours[1]}: resume with the same launcher.nproc_per_node / parallel, or start in a new run "
+        "dir (hydra.run.dir=...) or with trainer.resume=none",
+    )  # fmt: skip
 
 
 def checkpoint_problem(ckpt: Path, tag: str) -> str | None:

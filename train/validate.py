@@ -53,6 +53,12 @@ def check_recipe_on_model(cfg: RunConfig, *, device: str, micro_batch_size: int)
 
     recipe = get_recipe(cfg.recipe)
     recipe.resolve(device)
+    if recipe.backend not in recipe.backends:  # Recipe.resolve_backend takes an explicit backend as given
+        raise ConfigError(
+            "recipe.backend", cfg.recipe.backend,
+            f"recipe {recipe.name} has no {recipe.backend} backend (it runs on: {', '.join(recipe.backends)}); "
+            "set recipe.backend=auto, or choose a recipe that has one",
+        )  # fmt: skip
     with torch.device("meta"):
         model = GPT(cfg.model.resolve(nominal_vocab_size(cfg.data)))
     recipe.check(model)
@@ -119,6 +125,15 @@ def check_reference(cfg: RunConfig) -> None:
     why = reference_mismatch({"config": asdict(cfg)}, ref_cfg)
     if why:
         raise ConfigError("reference.run_dir", ref.run_dir, f"not a reference for this run: {why}")
+
+
+def check_corpus_files(cfg: RunConfig) -> None:
+    """The data files exist (``train.data.source_files``) and hold something: an empty corpus would
+    otherwise fail only in set-up (``prepare_data``), after the process group started."""
+    files = source_files(cfg.data)
+    if cfg.data.path is not None and not any(os.path.getsize(f) for f in files):
+        what = "the file is empty" if len(files) == 1 else f"all {len(files)} data files are empty"
+        raise ConfigError("data.path", cfg.data.path, f"{what} (0 bytes); point data.path at your corpus")
 
 
 def validate(cfg: RunConfig, *, world_size: int) -> Plan:
@@ -222,8 +237,8 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         )
     check_recipe_on_model(cfg, device=device, micro_batch_size=micro)
     check_reference(cfg)
-    # data (cheap checks only: files exist, corpus installed)
-    source_files(cfg.data)
+    # data (cheap checks only: files exist and are not all empty, corpus installed)
+    check_corpus_files(cfg)
     _one_of("data.tokenizer", cfg.data.tokenizer, ("bytes", "bpe"))
     if not 0 < cfg.data.val_fraction < 0.5:
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "must be in (0, 0.5)")

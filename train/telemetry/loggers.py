@@ -151,22 +151,21 @@ def wandb_server_problem(timeout_s: float) -> str | None:
     return None
 
 
-def run_name(config: dict[str, Any]) -> str:
+def run_name(cfg: RunConfig, config: dict[str, Any]) -> str:
     """What a run is, for W&B's run list: ``<model>-<recipe>-<backend>-zero<stage>-s<seed>``
-    (``tiny-mxfp4_e2m1-emulated-zero0-s1``), from the run's own config (``logger.wandb.name`` wins)."""
-    c, r = config.get("config", {}), config.get("resolved", {}).get("recipe", {})
-    backend = r.get("resolved_backend") or c["recipe"]["backend"]
-    return f"{c['model']['name']}-{c['recipe']['name']}-{backend}-zero{c['parallel']['zero_stage']}-s{c['trainer']['seed']}"
+    (``tiny-mxfp4_e2m1-emulated-zero0-s1``; ``logger.wandb.name`` wins). The backend is the one the
+    recipe resolved to (``config``: the run_config dict), else the configured one."""
+    backend = config.get("resolved", {}).get("recipe", {}).get("resolved_backend") or cfg.recipe.backend
+    return f"{cfg.model.name}-{cfg.recipe.name}-{backend}-zero{cfg.parallel.zero_stage}-s{cfg.trainer.seed}"
 
 
-def run_tags(config: dict[str, Any]) -> list[str]:
+def run_tags(cfg: RunConfig, config: dict[str, Any]) -> list[str]:
     """The recipe's name, kind and element formats, the backend, the model and the parallelism, as
     tags (the recipe's own values, never parsed), after the user's ``logger.wandb.tags``."""
-    c, r = config.get("config", {}), config.get("resolved", {}).get("recipe", {})
-    rc = c["recipe"]
-    fields = ("input_format", "weight_format", "grad_output_format")
-    found = [rc["name"], rc["quantizer"], *(rc[f] for f in fields), r.get("resolved_backend"),
-             c["model"]["name"], c["parallel"]["name"]]  # fmt: skip
+    r = cfg.recipe
+    backend = config.get("resolved", {}).get("recipe", {}).get("resolved_backend")
+    found = [r.name, r.quantizer, r.input_format, r.weight_format, r.grad_output_format, backend,
+             cfg.model.name, cfg.parallel.name]  # fmt: skip
     return [str(t) for t in dict.fromkeys(found) if t not in (None, "none", "")]
 
 
@@ -191,8 +190,8 @@ class WandbLogger:
             project=w.project,
             entity=w.entity,
             group=w.group,
-            name=w.name or run_name(config),
-            tags=list(dict.fromkeys([*w.tags, *run_tags(config)]))[:64],
+            name=w.name or run_name(cfg, config),
+            tags=list(dict.fromkeys([*w.tags, *run_tags(cfg, config)]))[:64],
             config=config,
             dir=str(run_dir),
             mode=mode,

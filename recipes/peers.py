@@ -81,7 +81,7 @@ def probe_codes(cfg: RecipeConfig, x: torch.Tensor, w: torch.Tensor, *, layer: s
     rec = get_recipe(dataclasses.replace(cfg, backend="emulated"))
     assert isinstance(rec, QuantizedRecipe)
     rec.resolve(x.device.type)
-    qs = rec._build_linear_quantizers(layer)
+    qs = rec.linear_quantizers(layer)
     if not (qs.input is not None and qs.input.castable and qs.weight is not None and qs.weight.castable):
         return {}
     ours = (qs.input.cast(x, axis=-1, training=False).q, qs.weight.cast(w, axis=-1, training=False).q)

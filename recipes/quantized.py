@@ -334,7 +334,7 @@ class QuantizedRecipe(Recipe):
         and under ``compile`` run as two compiled graphs per layer shape (forward, backward)."""
         if self._shared is not None:
             return self._shared
-        qs = self._build_linear_quantizers(name)
+        qs = self.linear_quantizers(name)
         if qs.pure:
             if self.compile:  # the bodies are compiled whole; the roles inside run uncompiled
                 qs = dataclasses.replace(
@@ -344,8 +344,9 @@ class QuantizedRecipe(Recipe):
             self._shared = qs
         return qs
 
-    def _build_linear_quantizers(self, name: str) -> LinearQuantizers:
-        """A dgrad / wgrad copy in the forward role's format shares that role's quantizer."""
+    def linear_quantizers(self, name: str) -> LinearQuantizers:
+        """Layer ``name``'s role quantizers (public: the parity harness reuses them); a dgrad /
+        wgrad copy in the forward role's format shares that role's quantizer."""
         f, two_d = role_formats(self.cfg), self.cfg.weight_2d_blocks
         inp = self._role(f["input_format"], tensor=f"{name}/input")
         w = self._role(f["weight_format"], tensor=f"{name}/weight", two_d=two_d)
@@ -357,7 +358,7 @@ class QuantizedRecipe(Recipe):
 
     def _scaled_gemms(self, name: str) -> ScaledGemms:
         """backend=torch: the same role quantizers, called through ``cast``."""
-        qs = self._build_linear_quantizers(name)
+        qs = self.linear_quantizers(name)
         roles = (qs.input, qs.weight, qs.grad_output, qs.weight_dgrad, qs.input_wgrad)
         assert all(r is not None and r.castable for r in roles), (
             "backends.torch_problem admits castable roles only"

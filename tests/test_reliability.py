@@ -31,7 +31,10 @@ def numerics(rows: list[dict]) -> list[dict]:
     ["+recipe=fp8_delayed", "recipe.backend=torch"],  # the delayed-scaling state of both backends
     ["+recipe=nvfp4"],  # stochastic rounding: the generator state travels in the checkpoint
     pytest.param(["+recipe=bf16", "parallel=zero2", "launcher.nproc_per_node=2"], marks=pytest.mark.dist),
-], ids=["bf16", "fp8_delayed_torch", "nvfp4", "bf16_zero2_2ranks"])  # fmt: skip
+    # ZeRO-3, 2 accumulation micro-batches per rank, stochastic rounding on 2 ranks, a lockstep reference
+    pytest.param(["+recipe=nvfp4", "parallel=zero3", "launcher.nproc_per_node=2", "trainer.micro_batch_size=4",
+                  "reference.mode=lockstep"], marks=pytest.mark.dist),
+], ids=["bf16", "fp8_delayed_torch", "nvfp4", "bf16_zero2_2ranks", "nvfp4_zero3_accum_lockstep_2ranks"])  # fmt: skip
 def test_sigkill_then_the_same_command_reproduces_the_uninterrupted_run(args, tmp_path):
     """SIGKILL (no handler, no last checkpoint) after step 15 of 30 with a checkpoint every 10 steps:
     the same command resumes from step 10 and its metrics.jsonl equals an uninterrupted run's in
@@ -354,6 +357,9 @@ def test_a_wandb_exception_never_stops_training(tmp_path, capsys):
     wb.close()
     out = capsys.readouterr().out
     assert wb.failed and out.count("lowbit: W&B failed") == 1 and "metrics.jsonl has every row" in out
+    import wandb
+
+    assert wandb.run is None  # finished anyway: the next wandb.init in this process starts a new run
 
 
 # ---------------------------------------------------------------- processes
@@ -455,3 +461,29 @@ def test_slurm_run_dirs_are_unique_per_invocation_and_found_again_after_requeue(
         "SLURM_STEP_ID": "0",
     }
     assert stamps(array, 1) == ["slurm-89_3.0"]
+
+
+@pytest.fixture(scope="module")
+def bf16_uninterrupted(tmp_path_factory):
+    return run_lowbit(["+recipe=bf16", *COMMON], run_dir=tmp_path_factory.mktemp("uninterrupted"))
+
+
+@pytest.mark.parametrize("point,step,resumes_at", [("eval", 15, 10), ("checkpoint", 20, 10)])
+def test_a_real_sigkill_during_evaluation_or_a_checkpoint_write_loses_nothing(point, step, resumes_at,
+                                                                                bf16_uninterrupted, tmp_path):  # fmt: skip
+    """The process SIGKILLs itself (train.faults) in the middle of step 15's evaluation, or after
+    DeepSpeed wrote step 20's files and before the manifest and rename: the same command then
+    resumes from step 10, the unfinished step_20.partial is not used, and metrics.jsonl equals the
+    uninterrupted run's in every non-wall-clock key."""
+    run_dir = tmp_path / "killed"
+    killed = run_lowbit(["+recipe=bf16", *COMMON, f"debug.kill_at_step={step}", f"debug.kill_in={point}"],
+                        run_dir=run_dir, check=False)  # fmt: skip
+    assert killed.proc.returncode == -signal.SIGKILL, killed.proc.stderr[-2000:]
+    assert f"debug.kill_in={point}: SIGKILL at step {step}" in killed.proc.stdout
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{resumes_at:07d}"
+    if point == "checkpoint":
+        assert (run_dir / "checkpoints" / f"step_{step:07d}.partial").is_dir()
+    resumed = run_lowbit(["+recipe=bf16", *COMMON], run_dir=run_dir)
+    assert f"resumed from {run_dir / 'checkpoints'} at step {resumes_at}" in resumed.proc.stdout
+    assert numerics(resumed.metrics) == numerics(bf16_uninterrupted.metrics)
+    assert not list((run_dir / "checkpoints").glob("*.partial"))  # the next save cleaned it up

@@ -221,3 +221,22 @@ def test_unknown_flag_is_one_line_too():
     proc = report("--nope", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("lowbit: config error: arguments=--nope: unrecognized arguments: --nope")
+
+
+def test_the_same_runs_read_from_their_wandb_files_give_the_same_table(sweep, built, tmp_path):
+    """`--from-wandb-files`: the adapter `--wandb ENTITY/PROJECT` uses, on the runs' real offline W&B
+    files: the same recipes, verdicts, deltas and speeds as from metrics.jsonl."""
+    out, _ = built
+    report(str(sweep), "--from-wandb-files", "--out", str(tmp_path), "--no-plots", "report.last_k=4")
+    ours = list(csv.DictReader((out / "summary.csv").open()))
+    theirs = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    columns = [
+        "recipe",
+        "backend",
+        "seeds",
+        "final loss",
+        "delta vs reference (+- SE)",
+        "verdict",
+        "tokens/s",
+    ]
+    assert [[r[c] for c in columns] for r in theirs] == [[r[c] for c in columns] for r in ours]

@@ -83,6 +83,8 @@ def sweep(tmp_path_factory):
             mp.setenv(k, v)
         mp.delenv("WANDB_API_KEY", raising=False)
         calls = _block_network(mp)
+        if wandb.run is not None:  # a run another test left open would be handed back by init
+            wandb.finish()
         settings = wandb.Settings(console="off", x_disable_stats=True, x_disable_meta=True, silent=True)
         t0 = time.perf_counter()
         for name, recipe, seed in RUNS:
@@ -92,7 +94,7 @@ def sweep(tmp_path_factory):
                         mode="offline", config=run_config(recipe, seed), settings=settings)  # fmt: skip
             parts = [STEPS[:8], STEPS[5:]] if name == RESUMED else [STEPS]
             for i, steps in enumerate(parts):
-                run = wandb.init(**init, resume="allow")
+                run = wandb.init(**init, resume="allow", reinit="create_new")
                 for s in steps:
                     r = row(recipe, seed, s)
                     if name == RESUMED and i == 0 and s >= 5:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT, read_jsonl
-from .test_slurm_cluster import _cluster_skip_reason
+from .test_slurm_cluster import _cluster_skip_reason, skip_or_fail
 
 pytestmark = pytest.mark.slurm
 COMMON = [
@@ -33,7 +33,7 @@ COMMON = [
 def slurm_env(tmp_path_factory) -> dict[str, str]:
     reason = _cluster_skip_reason()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     out = tmp_path_factory.mktemp("slurm_outputs")
     env = {**os.environ, "LOWBIT_OUTPUTS": str(out), "WANDB_MODE": "offline"}
     env["PATH"] = (
@@ -44,11 +44,11 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
-def sbatch(args: list[str], *, env: dict[str, str], log: Path, ntasks: int = 2) -> str:
+def sbatch(args: list[str], *, env: dict[str, str], log: Path, ntasks: int = 2, per_node: bool = True) -> str:
     cmd = [
         "sbatch",
         "--parsable",
-        f"--ntasks-per-node={ntasks}",
+        f"--ntasks-per-node={ntasks}" if per_node else f"--ntasks={ntasks}",
         f"--output={log}",
         "slurm/train.sbatch",
         *args,
@@ -96,7 +96,8 @@ def run_dir_of(env: dict[str, str], job_id: str) -> Path:
 
 def test_sbatch_two_rank_deepspeed_job(slurm_env, tmp_path):
     log = tmp_path / "job.out"
-    job = sbatch(["parallel=zero2", "trainer.max_steps=20", *COMMON], env=slurm_env, log=log)
+    # `--ntasks=2` (not only --ntasks-per-node): the template names no task count that would clash
+    job = sbatch(["parallel=zero2", "trainer.max_steps=20", *COMMON], env=slurm_env, log=log, per_node=False)
     assert wait_job(job, log=log) == "COMPLETED", log.read_text()[-4000:]
     run_dir = run_dir_of(slurm_env, job)
     metrics = read_jsonl(run_dir / "metrics.jsonl")

@@ -164,7 +164,7 @@ def test_quantized_operands_are_identical_codes(name):
     scale ``s`` the role used (for power-of-two and unit scales ``q * scale_inv`` is that value)."""
     rec = get_recipe(preset(name, backend="torch"))
     rec.resolve("cpu")
-    qs = rec._build_linear_quantizers("fc")
+    qs = rec.linear_quantizers("fc")
     x = (torch.randn(32, 64) * 5).float()
     for role, axis in ((qs.input, -1), (qs.input_wgrad, 0), (qs.grad_output, -1), (qs.grad_output, 0)):
         op = role.cast(x, axis=axis)

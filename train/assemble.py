@@ -18,7 +18,7 @@ from recipes.base import Recipe, get_recipe
 from recipes.config import RecipeConfig
 from recipes.errors import ConfigError
 from recipes.numerics import get_spec
-from train import distenv, rundir
+from train import distenv, faults, rundir
 from train.config import RunConfig
 from train.data import BatchFeed, BatchSchedule, TokenData, order_fingerprint, prepare_data
 from train.engine import build_engine, init_distributed
@@ -148,15 +148,19 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
         device=engine.device,
     )  # fmt: skip
     t = cfg.trainer
+    tracker = DivergenceTracker(threshold=cfg.reference.threshold, decay=cfg.reference.ema)
+    if start_step:  # resumed: the div/ EMAs, spikes and spike history continue where they were
+        tracker.replay([r for r in rundir.read_metrics(run_dir / "metrics.jsonl") if r["step"] <= start_step])
     telemetry = Telemetry(
         cadence=Cadence(max_steps=t.max_steps, log_every=t.log_every, eval_every=t.eval_every,
                         stats_every=cfg.stats.every),
         engine=engine, recipe=recipe, feed=feed, denv=denv, device=plan.device, loggers=loggers, perf=perf,
-        tracker=DivergenceTracker(threshold=cfg.reference.threshold, decay=cfg.reference.ema),
+        tracker=tracker,
         guard=guard, reference=reference, collector=collector, stat_params=stat_params,
         watch=NonFiniteWatch(engine.module, policy=t.on_nonfinite, device=engine.device), run_dir=run_dir,
     )  # fmt: skip
     d = cfg.debug
+    faults.arm(d.kill_in, d.kill_at_step)
     if d.inject_nonfinite_at_step:
         inject_fault(engine.module, layer=d.inject_layer, tensor=d.inject_tensor, at_step=d.inject_nonfinite_at_step,
                      step_of=lambda: telemetry.current_step)  # fmt: skip

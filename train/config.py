@@ -192,6 +192,10 @@ class DebugConfig:
     inject_layer: str = "blocks.0.mlp.fc"
     inject_tensor: str = "grad_output"
     """grad_output (a backward-only fault: the loss stays finite) | activation (its output)."""
+    kill_at_step: int = 0
+    """Fault injection (tests): SIGKILL this process at this step, at ``kill_in`` (``train.faults``); 0 = never."""
+    kill_in: str = "eval"
+    """eval (after the first validation micro-batch) | checkpoint (mid-write, before the rename)."""
 
 
 @dataclass

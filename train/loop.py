@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from train import faults
 from train.assemble import Run, setup
 from train.data import eval_indices
 from train.engine import reset_deepspeed_state, skip_optimizer_step
@@ -43,7 +44,7 @@ def train_loop(run: Run) -> dict[str, Any]:
             obs.after_micro_step(loss, x, y)  # the lockstep reference trains on the same batch
         run.recipe.on_optimizer_step()  # e.g. delayed-scaling amax histories
         obs.stop_clock(step)  # evaluation and checkpoints are not step time
-        val_loss = evaluate(run) if obs.eval_due(step) else None
+        val_loss = evaluate(run, step) if obs.eval_due(step) else None
         decision = obs.end_step(step, val_loss=val_loss)  # log steps: one row -> loggers
         if decision is Decision.NONFINITE:  # trainer.on_nonfinite=stop: the last good checkpoint stays
             break
@@ -58,7 +59,7 @@ def train_loop(run: Run) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> float:
+def evaluate(run: Run, step: int) -> float:
     """Mean validation loss over a fixed set of sequences, split evenly across ranks."""
     rank, world = run.denv.rank, run.denv.world_size
     idx = eval_indices(run.data, num_sequences=run.cfg.trainer.eval_sequences)
@@ -72,6 +73,7 @@ def evaluate(run: Run) -> float:
             loss = run.engine(x, y)
         count = torch.tensor(float(len(x)), dtype=torch.float64, device=loss.device)
         total += torch.stack([loss.double() * len(x), count])
+        faults.hit("eval", step)  # debug.kill_in=eval: a real SIGKILL in the middle of evaluation
     run.engine.train()
     if run.denv.is_distributed:
         dist.all_reduce(total)

@@ -14,6 +14,7 @@ from typing import Any
 
 from recipes.base import Recipe
 from recipes.errors import ConfigError
+from train import faults
 
 CHECKPOINT_DIR = "checkpoints"
 REFERENCE_CHECKPOINT_DIR = "checkpoints_reference"
@@ -44,6 +45,21 @@ def write_job_info(run_dir: Path, *, start_step: int) -> None:
     }
     with open(run_dir / "job.jsonl", "a") as f:
         f.write(json.dumps(info) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (non-finite values decoded; a torn last line left out)."""
+    from train.telemetry.loggers import decode_row
+
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(decode_row(json.loads(line)))
+        except ValueError:
+            continue  # a line a kill cut short
+    return rows
 
 
 def truncate_metrics(path: Path, *, after_step: int) -> None:
@@ -103,7 +119,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _save_one(engine: Any, ckpt: Path, tag: str, client_state: dict[str, Any] | None, keep: int) -> None:
+def _save_one(
+    engine: Any, ckpt: Path, tag: str, client_state: dict[str, Any] | None, keep: int, step: int
+) -> None:
     """DeepSpeed writes ``<tag>.partial/`` (every rank its shards); then rank 0 records the files in
     ``manifest.json``, renames the directory to ``<tag>`` and points ``latest`` at it, last; older
     checkpoints beyond ``keep`` (0: keep all) and stale partial ones are removed."""
@@ -111,6 +129,7 @@ def _save_one(engine: Any, ckpt: Path, tag: str, client_state: dict[str, Any] | 
 
     partial = ckpt / (tag + PARTIAL)
     engine.save_checkpoint(str(ckpt), tag=partial.name, client_state=client_state or {}, save_latest=False)
+    faults.hit("checkpoint", step)  # debug.kill_in=checkpoint: a real SIGKILL mid-write
     _barrier()
     if _is_main():
         files = {
@@ -141,8 +160,10 @@ def save_checkpoint(engine: Any, recipe: Recipe, run_dir: Path, step: int, *, re
     of the run implies the reference's); ``trainer.keep_checkpoints`` = ``keep``."""
     tag = f"step_{step:07d}"
     if reference_engine is not None:
-        _save_one(reference_engine, run_dir / REFERENCE_CHECKPOINT_DIR, tag, None, keep)
-    _save_one(engine, run_dir / CHECKPOINT_DIR, tag, {"step": step, "recipe": recipe.state_dict()}, keep)
+        _save_one(reference_engine, run_dir / REFERENCE_CHECKPOINT_DIR, tag, None, keep, step)
+    _save_one(
+        engine, run_dir / CHECKPOINT_DIR, tag, {"step": step, "recipe": recipe.state_dict()}, keep, step
+    )
 
 
 def resume_layout_problem(

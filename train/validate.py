@@ -188,6 +188,9 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         )
     _one_of("trainer.on_nonfinite", t.on_nonfinite, ("stop", "skip", "log"))
     _one_of("debug.inject_tensor", cfg.debug.inject_tensor, ("grad_output", "activation"))
+    from train.faults import POINTS
+
+    _one_of("debug.kill_in", cfg.debug.kill_in, POINTS)
     if not t.lr > 0:
         raise ConfigError(
             "trainer.lr", t.lr, "must be > 0 (the peak learning rate of the warm-up + cosine schedule)"

@@ -155,6 +155,22 @@ class DivergenceTracker:
         self.history.append(loss)
         return out
 
+    def replay(self, rows: list[dict[str, Any]]) -> None:
+        """Restore the state ``update`` built from the rows it returned (a resumed run's
+        ``metrics.jsonl`` up to its checkpoint): the same EMAs, first divergence step, spikes and
+        spike history as if the run had never stopped, from the logged floats (JSON round-trips
+        them exactly), not recomputed."""
+        for row in rows:
+            if "div/loss_delta" in row:
+                self.delta_ema = ema(self.delta_ema, row["div/loss_delta"], decay=self.decay)
+                self.rel_ema = ema(self.rel_ema, row["div/loss_rel"], decay=self.decay)
+                if self.first_divergence_step is None and abs(self.rel_ema) > self.threshold:
+                    self.first_divergence_step = row["step"]
+            if row.get("div/spike"):
+                self.spikes.append(row["step"])
+            if "train/loss" in row:
+                self.history.append(row["train/loss"])
+
     def summary(self) -> dict[str, Any]:
         return {
             "div/first_divergence_step": self.first_divergence_step,

@@ -245,7 +245,16 @@ class WandbLogger:
         self._guard(self.run.summary.update, values)
 
     def close(self) -> None:
-        self._guard(self.run.finish)
+        """Finish the W&B run, also after a W&B failure switched logging off: an unfinished run
+        would be handed back by the next ``wandb.init`` in this process (a local sweep runs its
+        members in one process) instead of a new one."""
+        if not self.failed:
+            self._guard(self.run.finish)
+            return
+        try:
+            self.run.finish()
+        except Exception:  # W&B already failed once and said so; finishing is best effort
+            pass
 
 
 class MultiLogger:

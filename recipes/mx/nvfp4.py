@@ -97,15 +97,36 @@ def quantize_nvfp4(
         s_t = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax())
     else:
         s_t = torch.as_tensor(per_tensor_scale, dtype=torch.float32, device=x.device)
-    s_b = (amax_b / _FP4.max_norm) / s_t
-    s_b = s_b.clamp_(_E4M3_MIN_NORMAL, _E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
-    v = xb * ((1.0 / s_t) / s_b).masked_fill_(~finite, math.nan)
+    s_b = nvfp4_block_scales(amax_b, s_t)
     noise = None
     if rounding == "stochastic":
         noise = to_blocks(uniform_noise(x, generator=generator, seed=seed), layout)
-    r, q = round_elements(v, fmt=_FP4, rounding=rounding, sign_of=xb, noise=noise)
-    y = r.mul_(q).mul_((s_t * s_b).masked_fill_(~finite, math.nan))
+    y = nvfp4_blocks(xb, s_t, s_b, finite, rounding=rounding, noise=noise)
     return from_blocks(y, layout).to(x.dtype)
+
+
+def nvfp4_block_scales(amax_b: torch.Tensor, s_t: torch.Tensor) -> torch.Tensor:
+    """E4M3 block scales (as float32) of blocks with amax ``amax_b`` under tensor scale ``s_t``:
+    ``amax / 6 / s_t`` clamped to E4M3's normal range, rounded to the nearest E4M3 value."""
+    s_b = (amax_b / _FP4.max_norm) / s_t
+    return s_b.clamp_(_E4M3_MIN_NORMAL, _E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def nvfp4_blocks(
+    xb: torch.Tensor,
+    s_t: torch.Tensor,
+    s_b: torch.Tensor,
+    finite: torch.Tensor,
+    *,
+    rounding: str = "nearest_even",
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantized NVFP4 blocks of ``xb`` (float32, blocked) for given tensor and block scales;
+    blocks where ``finite`` is False come out NaN. ``quantize_nvfp4``'s element step, public so
+    that statistics can requantize under another block scale (``recipes.blockstats``)."""
+    v = xb * ((1.0 / s_t) / s_b).masked_fill_(~finite, math.nan)
+    r, q = round_elements(v, fmt=_FP4, rounding=rounding, sign_of=xb, noise=noise)
+    return r.mul_(q).mul_((s_t * s_b).masked_fill_(~finite, math.nan))
 
 
 # ---------------------------------------------------------------------- 2-D weight tiles

@@ -126,7 +126,8 @@ def main() -> None:
     base = contenders[0].times
     print(f"model={args.model} batch={args.batch}x{cfg.model.seq_len} threads={args.threads} "
           f"rounds={args.steps} (interleaved) torch={torch.__version__}")  # fmt: skip
-    print("| recipe | median ms | min ms | x BF16 (median) | IQR | warm-up s |\n|---|---|---|---|---|---|")
+    print("| recipe | median ms | min ms | x BF16 (median) | IQR | tokens/s | MFU | warm-up s |\n"
+          "|---|---|---|---|---|---|---|---|")  # fmt: skip
     for c in contenders:
         ratios = [t / b for t, b in zip(c.times, base)]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3

@@ -59,6 +59,8 @@ def test_recipe_step_bench_times_both_fp8_backends():
         line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line
     ]
     assert labels == ["recipe", "bf16", "fp8_current emulated", "fp8_current torch"], out
+    widths = {line.count("|") for line in out.splitlines() if line.startswith("|")}
+    assert len(widths) == 1, f"header and rows have different column counts: {out}"
 
 
 def test_report_scale_bench_times_table_and_report():

@@ -98,6 +98,12 @@ class Recipe:
         which also records the answer on the recipe."""
         usable = self.available_backends(device)
         if self.cfg.backend != "auto":
+            if self.cfg.backend not in self.backends:
+                raise ConfigError(
+                    "recipe.backend", self.cfg.backend,
+                    f"recipe {self.name} has no {self.cfg.backend} backend (it runs on: {', '.join(self.backends)}); "
+                    "set recipe.backend=auto, or choose a recipe that has one",
+                )  # fmt: skip
             return self.cfg.backend, None
         chosen = usable[0]
         note = None

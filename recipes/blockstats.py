@@ -111,7 +111,15 @@ from recipes.mx import get_format as get_mx_format
 from recipes.mx.core import block_amax, block_layout, block_scales, shared_exponent, to_blocks
 from recipes.mx.formats import E8M0_BIAS, E8M0_NAN, check_scale_rule
 from recipes.mx.nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_block_scales, nvfp4_blocks, nvfp4_tensor_scale
-from recipes.numerics import relative_error, sqnr_db, underflow_fraction
+from recipes.numerics import (
+    as_fp32,
+    fraction,
+    overflow_bound,
+    overflows,
+    relative_error,
+    sqnr_db,
+    underflow_fraction,
+)
 
 __all__ = [
     "fp8_block_stats",
@@ -134,17 +142,6 @@ _E4M3_MIN_NORMAL = 2.0**-6
 _E4M3_NAN_CODE = 0x7F
 #: E8M0's NaN byte as an unbiased exponent (0xFF - 127)
 _SE_NAN = E8M0_NAN - E8M0_BIAS
-
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    x = x.detach()
-    x = x.reshape(1) if x.dim() == 0 else x
-    return x if x.dtype == torch.float32 else x.float()
-
-
-def _frac(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` as float32, 0 where ``den`` is 0 (no host sync)."""
-    return torch.where(den > 0, num.double() / den.clamp(min=1).double(), 0.0).float()
 
 
 # ---------------------------------------------------------------- GEMM error
@@ -197,11 +194,11 @@ def _block_summary(
     multi = live & (nnz >= 2)
     dyn = torch.where(multi, torch.log2(hi) - torch.log2(lo), 0.0).sum()
     return {
-        "saturated_frac": _frac((live & saturated).sum(), den),
-        "zero_block_frac": _frac((live & (q == 0).all(dim=2)).sum(), den),
-        "rule_sensitive_frac": _frac((live & (q_rule1 != q_rule2).any(dim=2)).sum(), den),
+        "saturated_frac": fraction((live & saturated).sum(), den),
+        "zero_block_frac": fraction((live & (q == 0).all(dim=2)).sum(), den),
+        "rule_sensitive_frac": fraction((live & (q_rule1 != q_rule2).any(dim=2)).sum(), den),
         "dyn_range_log2": (dyn / multi.sum().clamp(min=1)).float(),  # 0 / 1 when there is no block
-        "nonfinite_block_frac": _frac(bad.sum(), torch.full_like(den, bad.numel())),
+        "nonfinite_block_frac": fraction(bad.sum(), torch.full_like(den, bad.numel())),
     }
 
 
@@ -221,7 +218,7 @@ def mx_block_stats(
     """
     f = get_mx_format(fmt)
     check_scale_rule(scale_rule)
-    x32 = _fp32(x)
+    x32 = as_fp32(x)
     layout = block_layout(x32.shape, block_size=block_size, axis=axis)
     xb = to_blocks(x32, layout)
     q = {
@@ -238,10 +235,9 @@ def mx_block_stats(
 
 
 def _rounds_past_max(v: torch.Tensor, max_value: float, mbits: int) -> torch.Tensor:
-    """``v > max + u/2`` (``>=`` when max's grid index is odd): unclamped, ``v`` would round past max."""
-    u = 2.0 ** (math.floor(math.log2(max_value)) - mbits)
-    bound = max_value + u / 2
-    return v >= bound if round(max_value / u) % 2 == 1 else v > bound
+    """``v > max + u/2`` (``>=`` when max's grid index is odd): unclamped, ``v`` would round past max
+    (``recipes.numerics``' IEEE overflow test, ``u`` the top binade's spacing)."""
+    return overflows(v, overflow_bound(max_value, 2.0 ** (math.floor(math.log2(max_value)) - mbits)))
 
 
 def _e4m3_round_up(s: torch.Tensor) -> torch.Tensor:
@@ -261,7 +257,7 @@ def nvfp4_block_stats(
     ``tensor_scale`` instead of ``scale_exponents``. ``per_tensor_scale`` is
     passed to ``quantize_nvfp4``.
     """
-    x32 = _fp32(x)
+    x32 = as_fp32(x)
     layout = block_layout(x32.shape, block_size=NVFP4_BLOCK_SIZE, axis=axis)
     xb = to_blocks(x32, layout)
     amax_b = block_amax(xb)
@@ -299,7 +295,7 @@ def fp8_block_stats(
     FP32 scales), with ``scales`` (float32 per block, of ``power_2_scales``).
     """
     f = get_fp8_format(fmt)
-    x32 = _fp32(x)
+    x32 = as_fp32(x)
     layout = block_layout(x32.shape, block_size=block_size, axis=axis)
     xb = to_blocks(x32, layout)
     q = {
@@ -330,7 +326,7 @@ def kurtosis(x: torch.Tensor) -> torch.Tensor:
 
     A Gaussian gives ~3; 0 when undefined (no finite element, or zero variance).
     """
-    xd = _fp32(x).double()
+    xd = as_fp32(x).double()
     finite = torch.isfinite(xd)
     n = finite.sum().clamp(min=1)
     mu = torch.where(finite, xd, 0.0).sum() / n

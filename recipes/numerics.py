@@ -232,13 +232,14 @@ def quantize_like(x: torch.Tensor, spec: str | FormatSpec, *, axis: int = -1) ->
     return x.to(_CAST_DTYPES[s.elem]).to(x.dtype)
 
 
-def _overflow_bound(max_value: float, ulp: float) -> tuple[float, bool]:
-    """(threshold, inclusive): ``|v|`` overflows past ``threshold`` (IEEE overflow under RNE)."""
+def overflow_bound(max_value: float, ulp: float) -> tuple[float, bool]:
+    """(threshold, inclusive): ``|v|`` overflows past ``threshold`` (IEEE overflow under RNE;
+    ``ulp``: the spacing of the format's top binade). Shared with ``recipes.blockstats``."""
     index = round(max_value / ulp)
     return max_value + ulp / 2, index % 2 == 1
 
 
-def _over(v_abs: torch.Tensor, bound: tuple[float, bool]) -> torch.Tensor:
+def overflows(v_abs: torch.Tensor, bound: tuple[float, bool]) -> torch.Tensor:
     t, inclusive = bound
     return v_abs >= t if inclusive else v_abs > t
 
@@ -260,20 +261,21 @@ def _num_overflow(
         f = get_fp8_format(spec.elem)
         ulp = 2.0 ** (math.floor(math.log2(f.max)) - f.mantissa_bits)
         v = x32.abs() * _fp8_scale(x32, spec)  # the product cast_to_fp8 forms (|.| commutes)
-        return (_over(v, _overflow_bound(f.max, ulp)) & torch.isfinite(x32)).sum()
+        return (overflows(v, overflow_bound(f.max, ulp)) & torch.isfinite(x32)).sum()
     fmt = MX_FORMATS[spec.elem]
     ulp = 2.0**-fmt.mbits if fmt.is_int else 2.0 ** (fmt.emax - fmt.mbits)
     layout = block_layout(x32.shape, block_size=spec.block_size, axis=axis)
     xb = to_blocks(x32, layout)
     se, nan = shared_exponent(block_amax(xb), fmt=fmt, scale_rule=spec.scale_rule)
     _, inv = block_scales(se, nan)  # exact powers of two, NaN in NaN blocks (never counted)
-    return _over(xb.abs() * inv, _overflow_bound(fmt.max_norm, ulp)).sum()
+    return overflows(xb.abs() * inv, overflow_bound(fmt.max_norm, ulp)).sum()
 
 
 # ---------------------------------------------------------------- sums and stats
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
+def as_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached as float32, a 0-dim tensor as 1 element (every statistic here starts so)."""
     x = x.detach()
     x = x.reshape(1) if x.dim() == 0 else x
     return x if x.dtype == torch.float32 else x.float()
@@ -299,7 +301,7 @@ def _rel(signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.where(noise > 0, rel, 0.0).float()
 
 
-def _frac(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def fraction(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` as float32, 0 where ``den`` is 0 (no host sync)."""
     return torch.where(den > 0, num.double() / den.clamp(min=1).double(), 0.0).float()
 
@@ -314,7 +316,7 @@ def tensor_sums(
     spec also ``num_nonzero`` (finite non-zero), ``num_underflow``,
     ``num_overflow`` (int64) and ``err_sq`` (float64). See :data:`REDUCE_OPS`.
     """
-    x32 = _fp32(x)
+    x32 = as_fp32(x)
     dev = x32.device
     finite = torch.isfinite(x32)
     a = torch.where(finite, x32.abs(), 0.0)
@@ -344,12 +346,12 @@ def stats_from_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {
         "norm": torch.sqrt(sums["sum_sq"]).float(),
         "absmax": sums["absmax"].float(),
-        "zero_frac": _frac(sums["num_zero"], n),
-        "nonfinite_frac": _frac(sums["num_nonfinite"], n),
+        "zero_frac": fraction(sums["num_zero"], n),
+        "nonfinite_frac": fraction(sums["num_nonfinite"], n),
     }
     if "err_sq" in sums:
-        out["underflow_frac"] = _frac(sums["num_underflow"], sums["num_nonzero"])
-        out["overflow_frac"] = _frac(sums["num_overflow"], n - sums["num_nonfinite"])
+        out["underflow_frac"] = fraction(sums["num_underflow"], sums["num_nonzero"])
+        out["overflow_frac"] = fraction(sums["num_overflow"], n - sums["num_nonfinite"])
         out["sqnr_db"] = _db(sums["sum_sq"], sums["err_sq"])
         out["rel_error"] = _rel(sums["sum_sq"], sums["err_sq"])
     return out
@@ -373,7 +375,7 @@ def tensor_stats(
 def zero_fraction(x: torch.Tensor) -> torch.Tensor:
     """Fraction of exact zeros (+0, -0) over all elements; 0 for an empty tensor."""
     x = x.detach()
-    return _frac((x == 0).sum(), torch.full((), x.numel(), dtype=torch.int64, device=x.device))
+    return fraction((x == 0).sum(), torch.full((), x.numel(), dtype=torch.int64, device=x.device))
 
 
 def underflow_fraction(x: torch.Tensor, spec: str | FormatSpec, *, axis: int = -1) -> torch.Tensor:
@@ -384,15 +386,15 @@ def underflow_fraction(x: torch.Tensor, spec: str | FormatSpec, *, axis: int = -
 def overflow_fraction(x: torch.Tensor, spec: str | FormatSpec, *, axis: int = -1) -> torch.Tensor:
     """Finite elements that overflow the format (IEEE sense; per family in the module docstring),
     over the finite elements (0 if none)."""
-    x32 = _fp32(x)
-    return _frac(_num_overflow(x32, get_spec(spec), axis), torch.isfinite(x32).sum())
+    x32 = as_fp32(x)
+    return fraction(_num_overflow(x32, get_spec(spec), axis), torch.isfinite(x32).sum())
 
 
 def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``10 log10(sum x^2 / sum (x-q)^2)`` over finite ``x``: +inf when ``q == x``, -inf if ``x`` is all 0."""
-    return _db(*_signal_noise(_fp32(x), q.detach()))
+    return _db(*_signal_noise(as_fp32(x), q.detach()))
 
 
 def relative_error(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``||x - q|| / ||x||`` over finite ``x``: 0 when ``q == x``, inf if ``x`` is all 0 and ``q`` is not."""
-    return _rel(*_signal_noise(_fp32(x), q.detach()))
+    return _rel(*_signal_noise(as_fp32(x), q.detach()))

@@ -98,7 +98,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("lowbit_run_stamp", run_stamp, use_cache=True)
 
 
-def _split_override(arg: str) -> tuple[str, str] | None:
+def split_override(arg: str) -> tuple[str, str] | None:
     if "=" not in arg or arg.startswith("-"):
         return None
     key, val = arg.split("=", 1)
@@ -111,7 +111,7 @@ def _group_options(conf_dir: str, group: str) -> list[str]:
 
 def check_group_choices(overrides: list[str], *, conf_dir: str) -> None:
     for arg in overrides:
-        kv = _split_override(arg)
+        kv = split_override(arg)
         if kv is None or kv[0] not in GROUPS:
             continue
         key, val = kv
@@ -153,7 +153,7 @@ def compose(overrides: list[str], *, conf_dir: str | Path = CONF_DIR) -> RunConf
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         key = _error_key(e)
         for arg in overrides:
-            kv = _split_override(arg)
+            kv = split_override(arg)
             if kv and (key is None and kv[0] in msg or key == kv[0]):
                 raise ConfigError(kv[0], kv[1], msg) from None
         raise ConfigError(key or "overrides", " ".join(overrides) or "(none)", msg) from None
@@ -187,7 +187,7 @@ def check_launcher(overrides: list[str], *, multirun: bool) -> None:
     launcher without ``-m``, and without sbatch submitit fails with a traceback after the sweep dir
     exists."""
     for arg in overrides:
-        if _split_override(arg) != ("hydra/launcher", "slurm"):
+        if split_override(arg) != ("hydra/launcher", "slurm"):
             continue
         if not multirun:
             raise ConfigError("hydra/launcher", "slurm", "a Hydra launcher runs sweeps only (Hydra ignores it "

@@ -163,6 +163,7 @@ def evaluate_export(out: Path) -> float:
     from recipes.config import RecipeConfig
     from train.config import to_run_config
     from train.data import eval_indices, prepare_data
+    from train.loop import loss_sums
 
     model, config = load_export(out)
     cfg = to_run_config({"model": config["model"], "data": config["data"], "trainer": config["trainer"]})
@@ -174,14 +175,8 @@ def evaluate_export(out: Path) -> float:
     data = prepare_data(cfg.data, seq_len=cfg.model.seq_len)
     idx = eval_indices(data, num_sequences=cfg.trainer.eval_sequences)
     mb = cfg.trainer.micro_batch_size or cfg.trainer.global_batch_size
-    total, count = 0.0, 0
-    for lo in range(0, len(idx), mb):
-        x, y = data.sequences(idx[lo : lo + mb])
-        with recipe.forward_context():
-            loss = model(x, y)
-        total += float(loss.double()) * len(x)
-        count += len(x)
-    return total / count
+    total = loss_sums(model, data, idx, micro_batch=mb, device="cpu", recipe=recipe)
+    return (total[0] / total[1]).item()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,20 +64,30 @@ def evaluate(run: Run, step: int) -> float:
     rank, world = run.denv.rank, run.denv.world_size
     idx = eval_indices(run.data, num_sequences=run.cfg.trainer.eval_sequences)
     idx = idx[: len(idx) - len(idx) % world][rank::world]
-    mb, dev = run.plan.micro_batch_size, run.engine.device
-    total = torch.zeros(2, dtype=torch.float64, device=dev)
     run.engine.eval()
-    for lo in range(0, len(idx), mb):
-        x, y = (t.to(dev) for t in run.data.sequences(idx[lo : lo + mb]))
-        with run.recipe.forward_context():
-            loss = run.engine(x, y)
-        count = torch.tensor(float(len(x)), dtype=torch.float64, device=loss.device)
-        total += torch.stack([loss.double() * len(x), count])
-        faults.hit("eval", step)  # debug.kill_in=eval: a real SIGKILL in the middle of evaluation
+    total = loss_sums(run.engine, run.data, idx, micro_batch=run.plan.micro_batch_size, device=run.engine.device,
+                      recipe=run.recipe, step=step)  # fmt: skip
     run.engine.train()
     if run.denv.is_distributed:
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def loss_sums(
+    forward: Any, data: Any, idx: Any, *, micro_batch: int, device: Any, recipe: Any, step: int = 0
+) -> torch.Tensor:
+    """float64 ``[sum over micro-batches of mean loss x sequences, sequences]`` of ``forward(x, y)``
+    on the sequences ``idx`` (the trainer's evaluation, and ``train.export``'s)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for lo in range(0, len(idx), micro_batch):
+        x, y = (t.to(device) for t in data.sequences(idx[lo : lo + micro_batch]))
+        with recipe.forward_context():
+            loss = forward(x, y)
+        count = torch.tensor(float(len(x)), dtype=torch.float64, device=loss.device)
+        total += torch.stack([loss.double() * len(x), count])
+        faults.hit("eval", step)  # debug.kill_in=eval: a real SIGKILL in the middle of evaluation
+    return total
 
 
 def run_training(cfg: Any, plan: Plan, run_dir: Path) -> dict[str, Any]:

@@ -53,12 +53,6 @@ def check_recipe_on_model(cfg: RunConfig, *, device: str, micro_batch_size: int)
 
     recipe = get_recipe(cfg.recipe)
     recipe.resolve(device)
-    if recipe.backend not in recipe.backends:  # Recipe.resolve_backend takes an explicit backend as given
-        raise ConfigError(
-            "recipe.backend", cfg.recipe.backend,
-            f"recipe {recipe.name} has no {recipe.backend} backend (it runs on: {', '.join(recipe.backends)}); "
-            "set recipe.backend=auto, or choose a recipe that has one",
-        )  # fmt: skip
     with torch.device("meta"):
         model = GPT(cfg.model.resolve(nominal_vocab_size(cfg.data)))
     recipe.check(model)

@@ -73,9 +73,11 @@ def references_by_seed(runs: list[Run], recipe: str) -> dict[int, Run]:
     return out
 
 
-def _mean_last(r: Run, key: str, k: int) -> float | None:
+def _mean_last(r: Run, key: str, k: int | None = None) -> float | None:
+    """Mean of the last ``k`` finite values of ``key`` (every one when ``k`` is None)."""
     _, v = r.series.get(key)
-    v = v[np.isfinite(v)][-k:]
+    v = v[np.isfinite(v)]
+    v = v[-k:] if k else v
     return float(v.mean()) if len(v) else None
 
 
@@ -110,7 +112,7 @@ def compare(runs: list[Run], cfg: ReportConfig) -> Comparison:
             excluded.append(r)
     kept = [r for r in runs if not r.excluded]
     recipes = list(dict.fromkeys(r.recipe for r in kept))
-    ref_tps = _mean_of([_mean_last(r, "perf/tokens_per_s", 10**9) for r in refs.values()])
+    ref_tps = _mean_of([_mean_last(r, "perf/tokens_per_s") for r in refs.values()])
     rows = []
     for name in recipes:
         members = sorted((r for r in kept if r.recipe == name), key=lambda r: r.seed)
@@ -125,7 +127,7 @@ def compare(runs: list[Run], cfg: ReportConfig) -> Comparison:
             diverged_at=diverged,
             is_reference=name == cfg.reference and not any(r.has_own_reference for r in members),
         )
-        tps = _mean_of([_mean_last(r, "perf/tokens_per_s", 10**9) for r in members])
+        tps = _mean_of([_mean_last(r, "perf/tokens_per_s") for r in members])
         first_div = [s for r in members if (s := r.summary.get("div/first_divergence_step")) is not None]
         rows.append(
             RecipeRow(
@@ -139,7 +141,7 @@ def compare(runs: list[Run], cfg: ReportConfig) -> Comparison:
                 divergence_step=min(first_div) if first_div else None,
                 tokens_per_s=tps,
                 speedup=tps / ref_tps if tps and ref_tps else None,
-                mfu=_mean_of([_mean_last(r, "perf/mfu_bf16_peak", 10**9) for r in members]),
+                mfu=_mean_of([_mean_last(r, "perf/mfu_bf16_peak") for r in members]),
                 memory_gib=_max_memory(members),
                 provenance=members[0].provenance if members else {},
             )

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from train.cli import split_override
 from train.review.series import Series, read_series
 from train.sweep_index import run_state
 
@@ -107,7 +108,7 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
 def _overrides(run_dir: Path) -> dict[str, str]:
     f = run_dir / ".hydra" / "overrides.yaml"
     items = (yaml.safe_load(f.read_text()) or []) if f.exists() else []
-    return dict(x.lstrip("+~").split("=", 1) for x in items if "=" in x)
+    return dict(kv for x in items if (kv := split_override(x)))
 
 
 def load_run(run_dir: Path) -> Run:

@@ -45,6 +45,7 @@ from recipes.errors import ConfigError
 
 if TYPE_CHECKING:
     from recipes.numerics import FormatSpec
+    from recipes.probes import LayerProbe
 
 
 @dataclass
@@ -151,9 +152,16 @@ class Recipe:
     def on_optimizer_step(self) -> None:
         return None
 
-    def telemetry(self) -> dict[str, float]:
+    def telemetry(self) -> dict[str, Any]:
         """Recipe state worth logging on stat steps (e.g. ``fp8/<tensor>/scale``)."""
         return {}
+
+    def layer_probe(self, module: nn.Module) -> LayerProbe | None:
+        """The numerics probe of one converted layer (``recipes.probes``: GEMM-output error, block
+        scales, dY as quantized), or None when the layer quantizes nothing."""
+        from recipes.probes import probe_for
+
+        return probe_for(module)
 
     def state_dict(self) -> dict[str, Any]:
         """Recipe state a checkpoint must carry (e.g. delayed-scaling amax histories); {} if none."""

@@ -1,4 +1,4 @@
-"""Block-scale, GEMM-error and optimizer-state statistics: pure functions, no host sync.
+"""Block-scale statistics of MX, NVFP4 and FP8 block formats: pure functions, no host sync.
 
 Numerics
 --------
@@ -7,20 +7,12 @@ Every function reuses the project's quantizers (``recipes.mx.quantize_mx``,
 ``recipes.numerics``) and works on ``fp32(x)`` (detached; a 0-dim ``x`` is one
 element). Results are 0-dim float32 tensors on ``x``'s device (per-block scale
 tensors excepted); nothing calls ``.item()`` or indexes with a data-dependent
-mask. Sums of squares and fourth powers accumulate in float64.
-
-GEMM error (:func:`gemm_output_error`, :func:`gemm_errors`)
-    ``sqnr_db = 10 log10(sum y_ref^2 / sum (y_q - y_ref)^2)`` and
-    ``rel_error = ||y_q - y_ref|| / ||y_ref||``: ``recipes.numerics.sqnr_db`` /
-    ``relative_error`` with ``x = y_ref``, so their conventions hold (float64
-    sums; ``+inf`` dB and 0 when equal; non-finite ``y_ref`` elements left out; a
-    non-finite ``y_q`` where ``y_ref`` is finite gives ``-inf`` dB).
-    :func:`gemm_errors` forms ``y_ref = fp32(a) @ fp32(b)`` and, with ``qa =
-    fp32(quantize_a(a))``, ``qb = fp32(quantize_b(b))``: ``qa @ qb`` (keys
-    ``sqnr_db``, ``rel_error``), ``qa @ fp32(b)`` (``a_sqnr_db``) and ``fp32(a) @
-    qb`` (``b_sqnr_db``). All four GEMMs are ``torch.matmul`` in float32 under
-    the caller's matmul precision (with TF32 enabled on CUDA the reference
-    carries TF32 rounding too).
+mask. Each ``*_block_sums`` returns additive counts (int64; the dynamic-range sum
+float64; the scale histogram an int64 vector on a fixed grid), so micro-batches
+and ranks combine by addition in one all-reduce; :func:`block_stats_from_sums`
+turns (reduced) counts into the fractions, and ``*_block_stats`` is the
+composition plus the per-block scales. GEMM-output error, kurtosis and
+optimizer-state statistics are ``recipes.gemmstats``.
 
 Block statistics (:func:`mx_block_stats`, :func:`nvfp4_block_stats`, :func:`fp8_block_stats`)
     Blocks are ``block_size`` consecutive elements along ``axis``
@@ -75,29 +67,23 @@ Block statistics (:func:`mx_block_stats`, :func:`nvfp4_block_stats`, :func:`fp8_
       ``tensor_scale`` ``s_t``; FP8 ``scales`` (float32, ``recipes.fp8.
       scale_from_amax`` on the NaN-ignoring block amax with the quantizer's
       arguments, ``value_for_inf`` = FLT_MAX since the input is ``fp32(x)``).
+    * ``scale_hist`` (in the sums): live blocks counted by ``log2`` of their
+      dequantization scale on a fixed :class:`ScaleGrid`: MX ``se`` (width 1,
+      one bin per E8M0 code); NVFP4 ``log2(s_b)``, the E4M3 block scale relative
+      to the tensor scale (width 1/8: each E4M3 code of a binade gets its own
+      bin); FP8 ``floor(log2(1/scale))`` (width 1: exact for power-of-two
+      scales, the exponent otherwise). :func:`scale_histogram` trims it to the
+      occupied bins as ``{"_type": "histogram", "bins": edges, "values": counts}``
+      (W&B's histogram layout); ``shift`` moves the edges (e.g. by ``-log2(W)``
+      to normalise an output gradient's scales to the global mean loss).
 
-Distribution and optimizer state
-    * :func:`kurtosis`: ``E[(x-mu)^4] / E[(x-mu)^2]^2`` (non-excess: a Gaussian
-      gives 3, two values +-1 give 1, the minimum) over the finite elements, two
-      passes in float64; 0 (below any real kurtosis) when there is no finite
-      element or the variance is 0.
-    * :func:`update_ratio`: ``||update|| / ||weight||`` (L2 over all elements,
-      float64 sums). 0/0 gives 0, u/0 gives inf; NaN or Inf anywhere propagates
-      (a non-finite update must show, there is no companion key).
-    * :func:`underflow_frac_bf16` / :func:`underflow_frac_e4m3_scaled`: finite
-      non-zero elements whose quantized value is 0, over the finite non-zero
-      elements: ``recipes.numerics.underflow_fraction`` with ``bf16`` (a cast:
-      BF16 keeps FP32's exponent range; values at or below 2^-134, half of its
-      smallest subnormal 2^-133, round to 0) resp. ``fp8_e4m3``
-      (``quantize_fp8`` with the per-tensor current scale ``448/amax``, TE's
-      edge cases: amax 0 or Inf gives scale 1; scaled values at or below 2^-10
-      round to 0), as FP8-LM / MS-AMP scale stored optimizer moments.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -111,29 +97,22 @@ from recipes.mx import get_format as get_mx_format
 from recipes.mx.core import block_amax, block_layout, block_scales, shared_exponent, to_blocks
 from recipes.mx.formats import E8M0_BIAS, E8M0_NAN, check_scale_rule
 from recipes.mx.nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_block_scales, nvfp4_blocks, nvfp4_tensor_scale
-from recipes.numerics import (
-    as_fp32,
-    fraction,
-    overflow_bound,
-    overflows,
-    relative_error,
-    sqnr_db,
-    underflow_fraction,
-)
+from recipes.numerics import as_fp32, fraction, overflow_bound, overflows
 
 __all__ = [
+    "FP8_GRID",
+    "MX_GRID",
+    "NVFP4_GRID",
+    "ScaleGrid",
+    "block_stats_from_sums",
     "fp8_block_stats",
-    "gemm_errors",
-    "gemm_output_error",
-    "kurtosis",
+    "fp8_block_sums",
     "mx_block_stats",
+    "mx_block_sums",
     "nvfp4_block_stats",
-    "underflow_frac_bf16",
-    "underflow_frac_e4m3_scaled",
-    "update_ratio",
+    "nvfp4_block_sums",
+    "scale_histogram",
 ]
-
-Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
 _FP4 = MX_FORMATS["fp4_e2m1"]
 _E4M3_DTYPE = torch.float8_e4m3fn
@@ -144,62 +123,83 @@ _E4M3_NAN_CODE = 0x7F
 _SE_NAN = E8M0_NAN - E8M0_BIAS
 
 
-# ---------------------------------------------------------------- GEMM error
-
-
-def gemm_output_error(y_q: torch.Tensor, y_ref: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``sqnr_db`` and ``rel_error`` of a GEMM output ``y_q`` against ``y_ref`` (module docstring)."""
-    return {"sqnr_db": sqnr_db(y_ref, y_q), "rel_error": relative_error(y_ref, y_q)}
-
-
-def gemm_errors(
-    a: torch.Tensor, b: torch.Tensor, quantize_a: Quantizer, quantize_b: Quantizer
-) -> dict[str, torch.Tensor]:
-    """Output error of the FP32 GEMM ``a @ b`` with both, only ``a``, only ``b`` fake-quantized.
-
-    Keys ``sqnr_db``, ``rel_error`` (both quantized), ``a_sqnr_db``, ``b_sqnr_db``.
-    ``quantize_a`` / ``quantize_b`` get the detached operand and return its
-    dequantized value (any float dtype; upcast to float32).
-    """
-    a, b = a.detach(), b.detach()
-    a32, b32 = a.float(), b.float()
-    qa, qb = quantize_a(a).detach().float(), quantize_b(b).detach().float()
-    y_ref = a32 @ b32
-    out = gemm_output_error(qa @ qb, y_ref)
-    out["a_sqnr_db"] = sqnr_db(y_ref, qa @ b32)
-    out["b_sqnr_db"] = sqnr_db(y_ref, a32 @ qb)
-    return out
-
-
 # ---------------------------------------------------------------- block statistics
 
 
-def _block_summary(
+@dataclass(frozen=True)
+class ScaleGrid:
+    """Bins ``[lo + i step, lo + (i+1) step)``, ``i < bins``, of ``log2`` block scales (clamped)."""
+
+    lo: float
+    step: float
+    bins: int
+
+    def index(self, log2_scale: torch.Tensor) -> torch.Tensor:
+        i = torch.floor((log2_scale.double() - self.lo) / self.step)
+        return torch.nan_to_num(i, nan=0.0).clamp(0, self.bins - 1).long()
+
+    def edges(self, shift: float = 0.0) -> list[float]:
+        return [self.lo + i * self.step + shift for i in range(self.bins + 1)]
+
+
+MX_GRID = ScaleGrid(-127.0, 1.0, 256)
+NVFP4_GRID = ScaleGrid(-10.0, 0.125, 152)
+FP8_GRID = ScaleGrid(-160.0, 1.0, 320)
+
+
+def _block_counts(
     xb: torch.Tensor,
     q: torch.Tensor,
     q_rule1: torch.Tensor,
     q_rule2: torch.Tensor,
     bad: torch.Tensor,
     saturated: torch.Tensor,
+    log2_scale: torch.Tensor,
+    grid: ScaleGrid,
 ) -> dict[str, torch.Tensor]:
-    """The shared keys from blocks ``(pre, num_blocks, block_size, post)`` of ``fp32(x)`` and of
+    """Additive counts from blocks ``(pre, num_blocks, block_size, post)`` of ``fp32(x)`` and of
     its quantizations (``q`` the reported one, ``q_rule1`` / ``q_rule2`` the two compared
-    rules); ``bad`` (non-finite) and ``saturated`` are ``(pre, num_blocks, post)`` masks."""
+    rules); ``bad`` (non-finite), ``saturated`` and ``log2_scale`` are ``(pre, num_blocks, post)``."""
     nnz = (xb != 0).sum(dim=2)
     live = ~bad & (nnz > 0)
-    den = live.sum()
     a = xb.abs().double()
     hi = a.amax(dim=2)
     lo = torch.where(a > 0, a, math.inf).amin(dim=2)
     multi = live & (nnz >= 2)
-    dyn = torch.where(multi, torch.log2(hi) - torch.log2(lo), 0.0).sum()
+    hist = torch.zeros(grid.bins, dtype=torch.int64, device=xb.device)
+    hist.index_add_(0, grid.index(log2_scale).flatten(), live.flatten().long())
     return {
-        "saturated_frac": fraction((live & saturated).sum(), den),
-        "zero_block_frac": fraction((live & (q == 0).all(dim=2)).sum(), den),
-        "rule_sensitive_frac": fraction((live & (q_rule1 != q_rule2).any(dim=2)).sum(), den),
-        "dyn_range_log2": (dyn / multi.sum().clamp(min=1)).float(),  # 0 / 1 when there is no block
-        "nonfinite_block_frac": fraction(bad.sum(), torch.full_like(den, bad.numel())),
+        "blocks": torch.full((), bad.numel(), dtype=torch.int64, device=xb.device),
+        "nonfinite_blocks": bad.sum(),
+        "live_blocks": live.sum(),
+        "saturated_blocks": (live & saturated).sum(),
+        "zero_blocks": (live & (q == 0).all(dim=2)).sum(),
+        "rule_sensitive_blocks": (live & (q_rule1 != q_rule2).any(dim=2)).sum(),
+        "multi_blocks": multi.sum(),
+        "dyn_range_sum": torch.where(multi, torch.log2(hi) - torch.log2(lo), 0.0).sum(),
+        "scale_hist": hist,
     }
+
+
+def block_stats_from_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``saturated_frac``, ``zero_block_frac``, ``rule_sensitive_frac``, ``dyn_range_log2``,
+    ``nonfinite_block_frac`` (float32 0-dim) from (reduced) ``*_block_sums`` counts."""
+    den = sums["live_blocks"]
+    return {
+        "saturated_frac": fraction(sums["saturated_blocks"], den),
+        "zero_block_frac": fraction(sums["zero_blocks"], den),
+        "rule_sensitive_frac": fraction(sums["rule_sensitive_blocks"], den),
+        "dyn_range_log2": (sums["dyn_range_sum"] / sums["multi_blocks"].clamp(min=1)).float(),
+        "nonfinite_block_frac": fraction(sums["nonfinite_blocks"], sums["blocks"]),
+    }
+
+
+def scale_histogram(counts: Any, grid: ScaleGrid, *, shift: float = 0.0) -> dict[str, Any]:
+    """The occupied bins of a (reduced) ``scale_hist`` as W&B's histogram layout (host values)."""
+    values = [int(c) for c in counts]
+    used = [i for i, c in enumerate(values) if c]
+    lo, hi = (used[0], used[-1] + 1) if used else (0, 1)
+    return {"_type": "histogram", "bins": grid.edges(shift)[lo : hi + 1], "values": values[lo:hi]}
 
 
 def mx_block_stats(
@@ -216,6 +216,20 @@ def mx_block_stats(
     rceil), ``dyn_range_log2``, ``nonfinite_block_frac`` and ``scale_exponents``
     (int32 per block); definitions in the module docstring.
     """
+    counts, extra = _mx(x, fmt=fmt, block_size=block_size, axis=axis, scale_rule=scale_rule)
+    return {**block_stats_from_sums(counts), **extra}
+
+
+def mx_block_sums(
+    x: torch.Tensor, *, fmt: str | ElemFormat, block_size: int = 32, axis: int = -1, scale_rule: str = "floor"
+) -> dict[str, torch.Tensor]:
+    """The additive counts behind :func:`mx_block_stats`, with ``scale_hist`` on :data:`MX_GRID`."""
+    return _mx(x, fmt=fmt, block_size=block_size, axis=axis, scale_rule=scale_rule)[0]
+
+
+def _mx(
+    x: torch.Tensor, *, fmt: str | ElemFormat, block_size: int, axis: int, scale_rule: str
+) -> tuple[dict, dict]:
     f = get_mx_format(fmt)
     check_scale_rule(scale_rule)
     x32 = as_fp32(x)
@@ -229,9 +243,9 @@ def mx_block_stats(
     se, nan = shared_exponent(amax, fmt=f, scale_rule=scale_rule)
     _, inv = block_scales(se, nan)  # exact powers of two; NaN in NaN blocks (compares False)
     saturated = (amax * inv > f.max_norm).squeeze(2)
-    out = _block_summary(xb, q[scale_rule], q["floor"], q["rceil"], nan.squeeze(2), saturated)
-    out["scale_exponents"] = se.masked_fill(nan, _SE_NAN).reshape(layout.scale_shape)
-    return out
+    counts = _block_counts(xb, q[scale_rule], q["floor"], q["rceil"], nan.squeeze(2), saturated,
+                           se.squeeze(2).float(), MX_GRID)  # fmt: skip
+    return counts, {"scale_exponents": se.masked_fill(nan, _SE_NAN).reshape(layout.scale_shape)}
 
 
 def _rounds_past_max(v: torch.Tensor, max_value: float, mbits: int) -> torch.Tensor:
@@ -257,6 +271,18 @@ def nvfp4_block_stats(
     ``tensor_scale`` instead of ``scale_exponents``. ``per_tensor_scale`` is
     passed to ``quantize_nvfp4``.
     """
+    counts, extra = _nvfp4(x, axis=axis, per_tensor_scale=per_tensor_scale)
+    return {**block_stats_from_sums(counts), **extra}
+
+
+def nvfp4_block_sums(
+    x: torch.Tensor, *, axis: int = -1, per_tensor_scale: float | torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The additive counts behind :func:`nvfp4_block_stats`, ``scale_hist`` on :data:`NVFP4_GRID`."""
+    return _nvfp4(x, axis=axis, per_tensor_scale=per_tensor_scale)[0]
+
+
+def _nvfp4(x: torch.Tensor, *, axis: int, per_tensor_scale: float | torch.Tensor | None) -> tuple[dict, dict]:
     x32 = as_fp32(x)
     layout = block_layout(x32.shape, block_size=NVFP4_BLOCK_SIZE, axis=axis)
     xb = to_blocks(x32, layout)
@@ -273,11 +299,10 @@ def nvfp4_block_stats(
     q_near = to_blocks(quantize_nvfp4(x32, axis=axis, per_tensor_scale=per_tensor_scale), layout)
     q_up = nvfp4_blocks(xb, s_t, _e4m3_round_up(s), finite)
     saturated = _rounds_past_max(amax_b * ((1.0 / s_t) / s_b), _FP4.max_norm, _FP4.mbits).squeeze(2)
-    out = _block_summary(xb, q_near, q_near, q_up, ~finite.squeeze(2), saturated)
+    counts = _block_counts(xb, q_near, q_near, q_up, ~finite.squeeze(2), saturated,
+                           torch.log2(s_b).squeeze(2), NVFP4_GRID)  # fmt: skip
     codes = s_b.to(_E4M3_DTYPE).view(torch.uint8).masked_fill(~finite, _E4M3_NAN_CODE)
-    out["scale_codes"] = codes.reshape(layout.scale_shape)
-    out["tensor_scale"] = s_t.reshape(()).float()
-    return out
+    return counts, {"scale_codes": codes.reshape(layout.scale_shape), "tensor_scale": s_t.reshape(()).float()}
 
 
 def fp8_block_stats(
@@ -294,6 +319,34 @@ def fp8_block_stats(
     Keys as :func:`mx_block_stats` (``rule_sensitive_frac``: power-of-two vs exact
     FP32 scales), with ``scales`` (float32 per block, of ``power_2_scales``).
     """
+    counts, extra = _fp8(x, fmt=fmt, block_size=block_size, axis=axis, power_2_scales=power_2_scales,
+                         amax_epsilon=amax_epsilon)  # fmt: skip
+    return {**block_stats_from_sums(counts), **extra}
+
+
+def fp8_block_sums(
+    x: torch.Tensor,
+    *,
+    fmt: str | FP8Format = "e4m3",
+    block_size: int = 128,
+    axis: int = -1,
+    power_2_scales: bool = True,
+    amax_epsilon: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """The additive counts behind :func:`fp8_block_stats`, ``scale_hist`` on :data:`FP8_GRID`."""
+    return _fp8(x, fmt=fmt, block_size=block_size, axis=axis, power_2_scales=power_2_scales,
+                amax_epsilon=amax_epsilon)[0]  # fmt: skip
+
+
+def _fp8(
+    x: torch.Tensor,
+    *,
+    fmt: str | FP8Format,
+    block_size: int,
+    axis: int,
+    power_2_scales: bool,
+    amax_epsilon: float,
+) -> tuple[dict, dict]:
     f = get_fp8_format(fmt)
     x32 = as_fp32(x)
     layout = block_layout(x32.shape, block_size=block_size, axis=axis)
@@ -313,42 +366,6 @@ def fp8_block_stats(
     )
     bad = ~torch.isfinite(xb).all(dim=2)
     saturated = _rounds_past_max(amax * scale, f.max, f.mantissa_bits).squeeze(2)
-    out = _block_summary(xb, q[power_2_scales], q[True], q[False], bad, saturated)
-    out["scales"] = scale.reshape(layout.scale_shape)
-    return out
-
-
-# ---------------------------------------------------------------- distribution, optimizer state
-
-
-def kurtosis(x: torch.Tensor) -> torch.Tensor:
-    """Non-excess kurtosis ``E[(x-mu)^4] / E[(x-mu)^2]^2`` of the finite elements, in float64.
-
-    A Gaussian gives ~3; 0 when undefined (no finite element, or zero variance).
-    """
-    xd = as_fp32(x).double()
-    finite = torch.isfinite(xd)
-    n = finite.sum().clamp(min=1)
-    mu = torch.where(finite, xd, 0.0).sum() / n
-    d2 = torch.where(finite, xd - mu, 0.0).square_()
-    m2 = d2.sum() / n
-    m4 = d2.square_().sum() / n
-    return torch.where(m2 > 0, m4 / (m2 * m2), 0.0).float()
-
-
-def update_ratio(update: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``||update|| / ||weight||`` (float64 sums): 0 for 0/0, inf for u/0; NaN/Inf propagate."""
-    u, w = update.detach().double(), weight.detach().double()
-    nu, nw = (u * u).sum().sqrt(), (w * w).sum().sqrt()
-    return torch.where((nu == 0) & (nw == 0), 0.0, nu / nw).float()
-
-
-def underflow_frac_bf16(x: torch.Tensor) -> torch.Tensor:
-    """Finite non-zero elements of ``x`` that become 0 in BF16, over the finite non-zero elements."""
-    return underflow_fraction(x, "bf16")
-
-
-def underflow_frac_e4m3_scaled(x: torch.Tensor) -> torch.Tensor:
-    """Finite non-zero elements of ``x`` that become 0 in FP8 E4M3 after per-tensor scaling by
-    ``448 / amax`` (``recipes.fp8`` current scaling), over the finite non-zero elements."""
-    return underflow_fraction(x, "fp8_e4m3")
+    counts = _block_counts(xb, q[power_2_scales], q[True], q[False], bad, saturated,
+                           -torch.log2(scale).squeeze(2), FP8_GRID)  # fmt: skip
+    return counts, {"scales": scale.reshape(layout.scale_shape)}

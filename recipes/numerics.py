@@ -281,7 +281,7 @@ def as_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def _signal_noise(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def signal_noise_sums(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 ``sum x^2`` and ``sum (x-q)^2`` over finite ``x`` (a non-finite ``q`` there: infinite error)."""
     finite = torch.isfinite(x)
     xd = torch.where(finite, x, 0).double()
@@ -290,12 +290,12 @@ def _signal_noise(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch
     return (xd * xd).sum(), (err * err).sum()
 
 
-def _db(signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def db_from_sums(signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     safe = torch.where(noise > 0, noise, 1.0)
     return torch.where(noise > 0, 10.0 * torch.log10(signal / safe), math.inf).float()
 
 
-def _rel(signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def rel_from_sums(signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     safe = torch.where(signal > 0, signal, 1.0)
     rel = torch.where(signal > 0, torch.sqrt(noise / safe), math.inf)
     return torch.where(noise > 0, rel, 0.0).float()
@@ -333,7 +333,7 @@ def tensor_sums(
     s = get_spec(spec)
     q32 = quantize_like(x32, s, axis=axis)
     nonzero = finite & (x32 != 0)
-    sums["sum_sq"], sums["err_sq"] = _signal_noise(x32, q32)
+    sums["sum_sq"], sums["err_sq"] = signal_noise_sums(x32, q32)
     sums["num_nonzero"] = nonzero.sum()
     sums["num_underflow"] = (nonzero & (q32 == 0)).sum()
     sums["num_overflow"] = _num_overflow(x32, s, axis, q32)
@@ -352,8 +352,8 @@ def stats_from_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "err_sq" in sums:
         out["underflow_frac"] = fraction(sums["num_underflow"], sums["num_nonzero"])
         out["overflow_frac"] = fraction(sums["num_overflow"], n - sums["num_nonfinite"])
-        out["sqnr_db"] = _db(sums["sum_sq"], sums["err_sq"])
-        out["rel_error"] = _rel(sums["sum_sq"], sums["err_sq"])
+        out["sqnr_db"] = db_from_sums(sums["sum_sq"], sums["err_sq"])
+        out["rel_error"] = rel_from_sums(sums["sum_sq"], sums["err_sq"])
     return out
 
 
@@ -392,9 +392,9 @@ def overflow_fraction(x: torch.Tensor, spec: str | FormatSpec, *, axis: int = -1
 
 def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``10 log10(sum x^2 / sum (x-q)^2)`` over finite ``x``: +inf when ``q == x``, -inf if ``x`` is all 0."""
-    return _db(*_signal_noise(as_fp32(x), q.detach()))
+    return db_from_sums(*signal_noise_sums(as_fp32(x), q.detach()))
 
 
 def relative_error(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``||x - q|| / ||x||`` over finite ``x``: 0 when ``q == x``, inf if ``x`` is all 0 and ``q`` is not."""
-    return _rel(*_signal_noise(as_fp32(x), q.detach()))
+    return rel_from_sums(*signal_noise_sums(as_fp32(x), q.detach()))

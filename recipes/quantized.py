@@ -264,7 +264,7 @@ class QuantizedRecipe(Recipe):
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext() if self._te is None else self._te.autocast()
 
-    def telemetry(self) -> dict[str, float]:
+    def telemetry(self) -> dict[str, Any]:
         """Delayed scaling: ``fp8/<layer>/<role>/scale``, ``.../amax``, ``.../amax_history_max`` and,
         with several ranks, ``fp8/rank_scale_spread`` (``DelayedScalingState.metrics``)."""
         return {} if self.delayed is None else self.delayed.metrics(prefix="fp8/")

@@ -88,6 +88,15 @@ CASES = [
          "must be >= 0"),
     Case("lockstep_reference_precision", ["reference.mode=lockstep", "reference.precision=fp16"], None,
          "reference.precision", "fp16", "use one of: bf16, fp32"),
+    Case("stats_family_unknown", ["stats.families=[grad,gemms]"], None, "stats.families", "gemms",
+         "use some of: grad, act"),
+    Case("stats_layers_bad_regex", ["stats.layers=['blocks.(0']"], None, "stats.layers", "blocks.(0",
+         "not a regular expression"),
+    Case("stats_end_negative", ["stats.end_step=-5"], None, "stats.end_step", "-5", "must be >= 0"),
+    Case("stats_inspect_missing", ["stats.inspect_config={tmp}/nope.yaml"], None, "stats.inspect_config",
+         "{tmp}/nope.yaml", "cannot read it as YAML"),
+    Case("stats_inspect_numerics_feature", ["stats.inspect_config={tmp}/disable.yaml"], None,
+         "stats.inspect_config", "{tmp}/disable.yaml (section.DisableFP8GEMM)", "changes numerics"),
 ]  # fmt: skip
 
 
@@ -114,6 +123,10 @@ def test_bad_input_is_one_config_error_before_start_up(case: Case, tmp_path: Pat
     for name, val in case.env.items():
         monkeypatch.setenv(name, val.format(tmp=tmp_path))
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "disable.yaml").write_text(
+        "section:\n  enabled: true\n  layers: {layer_types: [qkv]}\n"
+        "  transformer_engine:\n    DisableFP8GEMM: {enabled: true, gemms: [wgrad]}\n"
+    )
     argv = [a.format(tmp=tmp_path) for a in case.overrides]
     start = time.perf_counter()
     with pytest.raises(ConfigError) as info:

@@ -5,6 +5,7 @@ owner's measurement on a quiet machine, not a test)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -72,3 +73,16 @@ def test_report_scale_bench_times_table_and_report():
     }
     assert set(rows) == {"table", "report"}, out[-2000:]
     assert all(float(r.split("|")[2]) > 0 for r in rows.values())
+
+
+def test_early_warning_bench_runs_its_inducers_against_their_plain_twins(tmp_path):
+    # one seed, 16 steps, the inducers from step 10: too short to warn, long enough for the
+    # reference (the plain run) to be accepted and the table and goal lines to be printed
+    out = run_module("bench.early_warning", "--seeds", "1", "--steps", "16", "--at", "10", "--out", str(tmp_path),
+                     timeout=300)  # fmt: skip
+    assert "| inducer | seed | first warning (step >= 10) |" in out, out[-2000:]
+    assert "lead >= 10 steps to the first divergence:" in out and "false warnings on the plain runs: " in out
+    rows = {(r["inducer"], r["seed"]) for r in json.loads((tmp_path / "early_warning.json").read_text())}
+    assert rows == {("none", 1), ("lr", 1), ("outlier", 1)}
+    cfg = (tmp_path / "lr_seed1" / ".hydra" / "overrides.yaml").read_text()
+    assert "reference.run_dir=" in cfg and "none_seed1" in cfg and "debug.lr_boost_at_step=10" in cfg

@@ -1,4 +1,4 @@
-"""recipes.blockstats against hand-computed cases (pure tensor math, no training)."""
+"""recipes.blockstats and recipes.gemmstats against hand-computed cases (pure tensor math, no training)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,28 @@ import pytest
 import torch
 
 from recipes.blockstats import (
+    MX_GRID,
     _e4m3_round_up,
     _rounds_past_max,
     fp8_block_stats,
+    mx_block_stats,
+    mx_block_sums,
+    nvfp4_block_stats,
+    scale_histogram,
+)
+from recipes.fp8 import cast_to_fp8_block_1d
+from recipes.gemmstats import (
     gemm_errors,
     gemm_output_error,
     kurtosis,
-    mx_block_stats,
-    nvfp4_block_stats,
+    kurtosis_from_sums,
+    kurtosis_sums,
+    moment_underflow_from_sums,
+    moment_underflow_sums,
     underflow_frac_bf16,
     underflow_frac_e4m3_scaled,
     update_ratio,
 )
-from recipes.fp8 import cast_to_fp8_block_1d
 from recipes.mx import quantize_mx, quantize_nvfp4
 from recipes.mx.core import block_amax, block_layout, to_blocks
 from recipes.mx.nvfp4 import nvfp4_blocks, nvfp4_tensor_scale
@@ -289,3 +298,38 @@ def test_underflow_frac_e4m3_scaled():
     assert val(underflow_frac_e4m3_scaled(x)) == pytest.approx(2 / 5)
     # amax 7 -> scale 448/7 = 64: 2^-16 -> 2^-10 (tie, 0), 2^-15 -> 2^-9 survives
     assert val(underflow_frac_e4m3_scaled(torch.tensor([7.0, 2.0**-16, 2.0**-15]))) == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------- additive forms (micro-batches, ranks)
+
+
+def test_kurtosis_sums_add_and_match_two_pass():
+    # [0, 0, 0, x] in two shards: power sums add, the binomial expansion gives 7/3 again
+    a, b = kurtosis_sums(torch.tensor([0.0, 0.0])), kurtosis_sums(torch.tensor([0.0, 4.0, math.inf]))
+    assert val(kurtosis_from_sums({k: a[k] + b[k] for k in a})) == pytest.approx(
+        7 / 3, rel=1e-7
+    )  # float32 out
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(1)) * 3 + 0.5
+    assert val(kurtosis_from_sums(kurtosis_sums(g))) == pytest.approx(val(kurtosis(g)), rel=1e-6)
+
+
+def test_scale_histogram_of_the_hand_blocks():
+    """The E8M0 codes of the FP4 hand case's live blocks (0, -2, -127, 0; the all-zero row has
+    no scale) as W&B's histogram layout: occupied range only, one bin per code, shifted edges
+    for the rank normalisation."""
+    counts = mx_block_sums(rows(32, *FP4_ROWS), fmt="fp4_e2m1")["scale_hist"]
+    assert counts.dtype == torch.int64 and counts.shape == (MX_GRID.bins,) and int(counts.sum()) == 4
+    h = scale_histogram(counts.tolist(), MX_GRID)
+    assert h["_type"] == "histogram" and h["bins"][0] == -127.0 and h["bins"][-1] == 1.0
+    assert len(h["values"]) == 128 and h["values"][0] == 1 and h["values"][125] == 1 and h["values"][127] == 2
+    assert scale_histogram(counts.tolist(), MX_GRID, shift=-1.0)["bins"][0] == -128.0
+    assert scale_histogram([0] * MX_GRID.bins, MX_GRID) == {"_type": "histogram", "bins": [-127.0, -126.0],
+                                                            "values": [0]}  # fmt: skip
+
+
+def test_moment_underflow_sums_hand_case():
+    # amax 448 -> E4M3 scale 1: 2^-10 and 2^-11 flush in E4M3, nothing flushes in BF16; 0 not counted
+    s = moment_underflow_sums(torch.tensor([448.0, 2.0**-9, 2.0**-10, 2.0**-11, 0.0]))
+    assert (int(s["nonzero"]), int(s["bf16"]), int(s["e4m3"])) == (4, 0, 2)
+    fr = moment_underflow_from_sums(s)
+    assert val(fr["underflow_e4m3"]) == 0.5 and val(fr["underflow_bf16"]) == 0.0

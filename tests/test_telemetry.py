@@ -94,6 +94,60 @@ def test_stats_reduced_across_zero3_ranks_match_one_rank(tmp_path):
     )
 
 
+@pytest.mark.dist
+def test_probe_stats_of_two_zero3_ranks_equal_one_rank(tmp_path):
+    """Step 1 of mxfp8_e4m3: 2 ZeRO-3 ranks run the same micro-batch GEMMs as 1 rank with 2
+    micro-batches (a GEMM's error is that of the GEMMs run: one wgrad over 16 sequences is not
+    two over 8, so the micro-batch size is pinned); GEMM errors, block fractions and the dY scale histogram (normalised to the
+    global mean loss) agree, and so do the update and optimizer-state keys."""
+    common = ["+recipe=mxfp8_e4m3", "stats.every=1", "trainer.max_steps=1", "trainer.eval_sequences=16",
+              "trainer.micro_batch_size=8", "logger=none"]  # fmt: skip
+    one = run_lowbit(["parallel=single", *common], run_dir=tmp_path / "one").metrics[-1]
+    two = run_lowbit(
+        ["parallel=zero3", "launcher.nproc_per_node=2", *common], run_dir=tmp_path / "two"
+    ).metrics[-1]
+    keys = [k for k in one if k.startswith(("gemm/", "scales/")) and LAYER in k]
+    assert len(keys) == 12 + 5 * 6, keys  # 3 GEMMs x 4 keys; 5 roles x (5 fractions, a histogram)
+    for key in keys:
+        if key.endswith("_hist"):
+            assert two[key] == one[key], key
+        else:
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    for key in (f"act/{LAYER}/kurtosis", f"update/{LAYER}/ratio", f"weight/{LAYER}/absmax"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4), key  # FP32 masters under ZeRO-0 and -3
+    for kind in ("bf16", "e4m3"):
+        key = f"opt/{LAYER}/exp_avg_sq_underflow_{kind}"
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key
+
+
+def test_fp8_delayed_keys_follow_the_amax_history(tmp_path):
+    """Every ``fp8/`` key of delayed scaling, checked against its definition: the scale is
+    ``max / amax_history_max`` (margin 0), the history histogram holds each step's amax once in
+    its binade, and ``amax`` (the newest) and the window's max sit in its occupied bins."""
+    res = run_lowbit(["+recipe=fp8_delayed", "stats.every=3", "trainer.max_steps=6", "trainer.log_every=1",
+                      "trainer.eval_sequences=16", "logger=none"], run_dir=tmp_path)  # fmt: skip
+    rows = {r["step"]: r for r in res.metrics}
+    for step in (3, 6):
+        r = rows[step]
+        names = sorted(
+            {k[len("fp8/") : k.rindex("/")] for k in r if k.startswith("fp8/") and k.count("/") > 2}
+        )
+        assert len(names) == 3 * 8  # input, weight, grad_output of 8 converted Linears
+        for name in names:
+            p = f"fp8/{name}/"
+            assert {k for k in r if k.startswith(p)} == {p + s for s in ("scale", "amax", "amax_history_max",
+                                                                         "amax_history_hist")}  # fmt: skip
+            fmax = 57344.0 if name.endswith("grad_output") else 448.0
+            assert r[p + "scale"] == pytest.approx(fmax / r[p + "amax_history_max"], rel=1e-6)
+            h = r[p + "amax_history_hist"]
+            assert h["_type"] == "histogram" and sum(h["values"]) == step  # one amax per optimizer step
+            lo, hi = h["bins"][0], h["bins"][-1]
+            for v in (r[p + "amax"], r[p + "amax_history_max"]):
+                e = math.floor(math.log2(v))
+                assert lo <= e < hi and h["values"][int(e - lo)] > 0
+            assert math.floor(math.log2(r[p + "amax_history_max"])) == hi - 1  # the top bin holds the max
+
+
 def test_issue_command_mxfp4_lockstep_writes_every_family(tmp_path):
     """The telemetry issue's command: +recipe=mxfp4_e2m1 reference.mode=lockstep stats.every=10 max_steps=50."""
     res = run_lowbit(
@@ -110,7 +164,38 @@ def test_issue_command_mxfp4_lockstep_writes_every_family(tmp_path):
     stat = [r for r in rows if r["step"] % 10 == 0]
     assert [r["step"] for r in stat] == [10, 20, 30, 40, 50]
     for r in stat:
-        assert {"train", "perf", "div", "grad", "act", "weight"} <= families(r)
+        assert {
+            "train",
+            "perf",
+            "div",
+            "grad",
+            "act",
+            "weight",
+            "gemm",
+            "scales",
+            "update",
+            "opt",
+        } <= families(r)
+        assert r[f"act/{LAYER}/kurtosis"] > 1  # 1 is the minimum of any distribution
+        for gemm, roles in (("fwd", ("input", "weight")), ("dgrad", ("grad_output", "weight_dgrad")),
+                            ("wgrad", ("grad_output", "input_wgrad"))):  # fmt: skip
+            g = f"gemm/{LAYER}/{gemm}"
+            assert 0 < r[f"{g}/rel_error"] < 1 and r[f"{g}/sqnr_db"] == pytest.approx(
+                -20 * math.log10(r[f"{g}/rel_error"]), abs=1e-3
+            )
+            assert all(r[f"{g}/{role}_sqnr_db"] > r[f"{g}/sqnr_db"] for role in roles)
+        for role in ("input", "weight", "grad_output", "weight_dgrad", "input_wgrad"):
+            sc = f"scales/{LAYER}/{role}"
+            hist = r[f"{sc}/log2_scale_hist"]
+            assert hist["_type"] == "histogram" and len(hist["bins"]) == len(hist["values"]) + 1
+            assert 0 <= r[f"{sc}/saturated_frac"] <= 1 and r[f"{sc}/dyn_range_log2"] > 0
+        assert 0 < r[f"update/{LAYER}/ratio"] < 0.5
+        assert (
+            0
+            <= r[f"opt/{LAYER}/exp_avg_sq_underflow_bf16"]
+            <= r[f"opt/{LAYER}/exp_avg_sq_underflow_e4m3"]
+            <= 1
+        )
         # against the recipe's own gradient format (MXFP4): FP4 underflows a visible share of dY
         assert 0 < r[f"grad/{LAYER}/underflow_frac"] < 1 and r[f"grad/{LAYER}/sqnr_db"] < 30
         assert r[f"div/weight_drift/{LAYER}"] > 0 and r["div/loss_delta"] != 0
@@ -121,6 +206,9 @@ def test_issue_command_mxfp4_lockstep_writes_every_family(tmp_path):
     for r in stat:
         h = by_step[r["step"]]
         assert h["grad/underflow_frac_hist/_type"] == "histogram"  # a W&B histogram per stat step
+        blocks = f"scales/{LAYER}/grad_output/log2_scale_hist"  # pre-binned: W&B keeps our bins
+        assert h[f"{blocks}/_type"] == "histogram"
+        assert h[f"{blocks}/bins"] == r[blocks]["bins"] and h[f"{blocks}/values"] == r[blocks]["values"]
         assert {k: v for k, v in h.items() if "_hist" not in k} == {
             k: v for k, v in r.items() if "_hist" not in k
         }

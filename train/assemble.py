@@ -21,16 +21,19 @@ from recipes.numerics import get_spec
 from train import distenv, faults, rundir
 from train.config import RunConfig
 from train.data import BatchFeed, BatchSchedule, TokenData, order_fingerprint, prepare_data
-from train.engine import build_engine, init_distributed
+from train.engine import build_engine, init_distributed, warmup_steps
 from train.model import build_model, count_params, weights_fingerprint
 from train.preempt import PreemptionGuard
 from train.telemetry.collect import Cadence, Telemetry
 from train.telemetry.divergence import DivergenceTracker, FileReference, LockstepReference
+from train.telemetry.earlywarn import EarlyWarning
 from train.telemetry.envinfo import environment
-from train.telemetry.grads import GradStatsCollector
+from train.telemetry.grads import COLLECTOR_FAMILIES, GradStatsCollector
 from train.telemetry.loggers import MultiLogger, build_loggers
 from train.telemetry.nonfinite import NonFiniteWatch, inject_fault
 from train.telemetry.perf import PerfMeter
+from train.telemetry.selection import pick_layers
+from train.telemetry.selection import resolve as resolve_stats
 from train.validate import Plan
 
 
@@ -133,15 +136,22 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
         rundir.truncate_metrics(run_dir / "metrics.jsonl", after_step=start_step)
     loggers = build_loggers(cfg, run_dir=run_dir, config=resolved, is_main=denv.is_main)
     names = {n for n, _ in engine.module.named_parameters()}
-    stat_params = [f"{m}.weight" for m in (report.converted or report.kept) if f"{m}.weight" in names]
+    stats = resolve_stats(cfg.stats)
+    layers, why = pick_layers(stats, [m for m in (report.converted or report.kept) if f"{m}.weight" in names],
+                              shadow_formats=len(cfg.stats.shadow_formats))  # fmt: skip
+    if why and stats.every:
+        distenv.log0(denv, why)
+    stat_params = [f"{m}.weight" for m in layers]
     collector = None
-    if cfg.stats.every:
+    if stats.every:
         collector = GradStatsCollector(
             engine.module,
-            [n.removesuffix(".weight") for n in stat_params],
+            layers,
             spec=recipe.grad_format(),
             shadow={f: get_spec(f) for f in cfg.stats.shadow_formats},
             world_size=plan.world_size,
+            probes={n: p for n in layers if (p := recipe.layer_probe(engine.module.get_submodule(n)))},
+            families=tuple(f for f in stats.families if f in COLLECTOR_FAMILIES),
         )
     feed = BatchFeed(
         data, schedule, rank=denv.rank, world_size=denv.world_size, micro_batch_size=plan.micro_batch_size,
@@ -149,21 +159,33 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     )  # fmt: skip
     t = cfg.trainer
     tracker = DivergenceTracker(threshold=cfg.reference.threshold, decay=cfg.reference.ema)
-    if start_step:  # resumed: the div/ EMAs, spikes and spike history continue where they were
-        tracker.replay([r for r in rundir.read_metrics(run_dir / "metrics.jsonl") if r["step"] <= start_step])
+    early = (
+        EarlyWarning(warmup_steps=warmup_steps(max_steps=t.max_steps, warmup_frac=t.warmup_frac))
+        if stats.every
+        else None
+    )
+    if start_step:  # resumed: the div/ EMAs, spikes, spike history and warning baselines continue
+        done = [r for r in rundir.read_metrics(run_dir / "metrics.jsonl") if r["step"] <= start_step]
+        tracker.replay(done)
+        if early is not None:
+            early.replay(done)
     telemetry = Telemetry(
-        cadence=Cadence(max_steps=t.max_steps, log_every=t.log_every, eval_every=t.eval_every,
-                        stats_every=cfg.stats.every),
+        cadence=Cadence(max_steps=t.max_steps, log_every=t.log_every, eval_every=t.eval_every, stats=stats),
         engine=engine, recipe=recipe, feed=feed, denv=denv, device=plan.device, loggers=loggers, perf=perf,
         tracker=tracker,
         guard=guard, reference=reference, collector=collector, stat_params=stat_params,
         watch=NonFiniteWatch(engine.module, policy=t.on_nonfinite, device=engine.device), run_dir=run_dir,
+        early=early,
     )  # fmt: skip
     d = cfg.debug
     faults.arm(d.kill_in, d.kill_at_step)
     if d.inject_nonfinite_at_step:
         inject_fault(engine.module, layer=d.inject_layer, tensor=d.inject_tensor, at_step=d.inject_nonfinite_at_step,
                      step_of=lambda: telemetry.current_step)  # fmt: skip
+    if d.inject_outlier_at_step:
+        faults.inject_outlier(engine.module, layer=d.inject_layer, channel=d.inject_outlier_channel,
+                              growth=d.inject_outlier_growth, at_step=d.inject_outlier_at_step,
+                              step_of=lambda: telemetry.current_step)  # fmt: skip
     return Run(cfg, plan, denv, run_dir, data, feed, recipe, engine, loggers, guard, telemetry,
                reference_engine=reference_engine, start_step=start_step)  # fmt: skip
 

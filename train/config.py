@@ -181,6 +181,23 @@ class StatsConfig:
     """Formats to evaluate the live gradients in without touching training, e.g. [mxfp4_e2m1]."""
     peak_tflops: float = 0.0
     """Dense peak TFLOP/s per device for MFU; 0 = the device table (none for CPUs)."""
+    families: list[str] = field(
+        default_factory=lambda: ["grad", "act", "weight", "shadow", "gemm", "scales", "update", "opt"]
+    )
+    """Statistic families on stat steps (``train.telemetry.selection.FAMILIES``)."""
+    layers: list[str] = field(default_factory=list)
+    """Regexes (re.search on the module name) of the layers to take statistics of; [] = every
+    converted Linear (every Linear when none converts)."""
+    start_step: int = 0
+    """First step that may be a stat step."""
+    end_step: int = 0
+    """Last step that may be a stat step; 0 = no end."""
+    max_keys: int = 4000
+    """Budget of per-layer keys per stat step: beyond it, evenly spaced layers (first and last
+    kept) are selected and the run says which; 0 = no budget."""
+    inspect_config: Optional[str] = None
+    """An nvdlfw-inspect (Transformer Engine debug) YAML: its layer selection, statistics,
+    ``freq`` and start/end steps replace the fields above (README: Telemetry)."""
 
 
 @dataclass
@@ -192,6 +209,15 @@ class DebugConfig:
     inject_layer: str = "blocks.0.mlp.fc"
     inject_tensor: str = "grad_output"
     """grad_output (a backward-only fault: the loss stays finite) | activation (its output)."""
+    inject_outlier_at_step: int = 0
+    """Spike inducer (``bench/early_warning.py``): from this step on, feature
+    ``inject_outlier_channel`` of ``inject_layer``'s input grows by ``inject_outlier_growth`` per
+    step in training forwards (an outlier feature); 0 = never."""
+    inject_outlier_channel: int = 0
+    inject_outlier_growth: float = 1.25
+    lr_boost_at_step: int = 0
+    """Spike inducer: from this step on the learning rate is ``lr_boost`` x the schedule's; 0 = never."""
+    lr_boost: float = 10.0
     kill_at_step: int = 0
     """Fault injection (tests): SIGKILL this process at this step, at ``kill_in`` (``train.faults``); 0 = never."""
     kill_in: str = "eval"

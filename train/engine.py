@@ -22,9 +22,14 @@ from train.config import RunConfig
 from train.validate import Plan
 
 
+def warmup_steps(*, max_steps: int, warmup_frac: float) -> int:
+    """Optimizer steps of the linear learning-rate warm-up."""
+    return int(round(warmup_frac * max_steps))
+
+
 def lr_lambda(step: int, *, max_steps: int, warmup_frac: float, min_ratio: float) -> float:
     """Multiplier of the peak lr after ``step`` optimizer steps (0-based, as LambdaLR counts)."""
-    warmup = int(round(warmup_frac * max_steps))
+    warmup = warmup_steps(max_steps=max_steps, warmup_frac=warmup_frac)
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
@@ -53,10 +58,17 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    t = cfg.trainer
+    t, d = cfg.trainer, cfg.debug
+
+    def boost(s: int) -> float:  # LambdaLR's s = optimizer steps done: step s + 1 applies it
+        return d.lr_boost if d.lr_boost_at_step and s + 1 >= d.lr_boost_at_step else 1.0
+
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: lr_lambda(s, max_steps=t.max_steps, warmup_frac=t.warmup_frac, min_ratio=t.min_lr_ratio),
+        lambda s: (
+            boost(s)
+            * lr_lambda(s, max_steps=t.max_steps, warmup_frac=t.warmup_frac, min_ratio=t.min_lr_ratio)
+        ),
     )
 
 

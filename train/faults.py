@@ -9,12 +9,20 @@ sends itself SIGKILL (no handler runs, nothing is flushed or cleaned up), at tha
 
 Every rank kills itself at the same point. Rerunning the same command without the ``debug.kill_*``
 keys resumes from the last complete checkpoint (``train.rundir``).
+
+``inject_outlier`` is a spike inducer for the early-warning evaluation
+(``debug.inject_outlier_at_step``): one input feature of a layer grows geometrically.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
 
 POINTS = ("eval", "checkpoint")
 _armed: dict[str, int] = {}
@@ -30,3 +38,22 @@ def hit(point: str, step: int) -> None:
     if _armed.get(point) == step:
         print(f"lowbit: debug.kill_in={point}: SIGKILL at step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def inject_outlier(
+    model: nn.Module, *, layer: str, channel: int, growth: float, at_step: int, step_of: Callable[[], int]
+) -> None:
+    """From step ``at_step`` on, multiply feature ``channel`` of ``layer``'s input by
+    ``growth ** (step - at_step + 1)`` in training forwards (evaluation is untouched): an
+    outlier feature that grows until the loss spikes."""
+
+    def hook(m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        step = step_of()
+        if not m.training or step < at_step:
+            return None
+        x = args[0]
+        gain = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+        gain[channel] = growth ** (step - at_step + 1)
+        return (x * gain, *args[1:])
+
+    model.get_submodule(layer).register_forward_pre_hook(hook)

@@ -57,8 +57,20 @@ def check_recipe_on_model(cfg: RunConfig, *, device: str, micro_batch_size: int)
         model = GPT(cfg.model.resolve(nominal_vocab_size(cfg.data)))
     recipe.check(model)
     layer = cfg.debug.inject_layer
-    if cfg.debug.inject_nonfinite_at_step and layer not in dict(model.named_modules()):
+    d = cfg.debug
+    if (d.inject_nonfinite_at_step or d.inject_outlier_at_step) and layer not in dict(model.named_modules()):
         raise ConfigError("debug.inject_layer", layer, "no such module in the model (e.g. blocks.0.mlp.fc)")
+    if d.inject_outlier_at_step:
+        width = getattr(model.get_submodule(layer), "in_features", 0)
+        if not 0 <= d.inject_outlier_channel < width:
+            raise ConfigError("debug.inject_outlier_channel", d.inject_outlier_channel,
+                              f"must be an input feature of {layer} (0..{width - 1})")  # fmt: skip
+        if not d.inject_outlier_growth > 1:
+            raise ConfigError(
+                "debug.inject_outlier_growth", d.inject_outlier_growth, "must be > 1 (a growth per step)"
+            )
+    if d.lr_boost_at_step and not d.lr_boost > 0:
+        raise ConfigError("debug.lr_boost", d.lr_boost, "must be > 0 (a factor on the learning rate)")
     if recipe.backend == "te":
         check_te(cfg, recipe, model, tokens=micro_batch_size * cfg.model.seq_len)
     if recipe.backend == "torch":
@@ -200,6 +212,9 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         _one_of("stats.shadow_formats", fmt, sorted(FORMAT_SPECS))
     if cfg.stats.every < 0:
         raise ConfigError("stats.every", cfg.stats.every, "must be >= 0 (0 disables the heavy statistics)")
+    from train.telemetry.selection import resolve as resolve_stats
+
+    resolve_stats(cfg.stats)  # families, layer regexes, the TE debug YAML
     device = resolve_device(t.device)
     if device == "cuda":
         import torch

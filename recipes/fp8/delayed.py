@@ -239,9 +239,12 @@ class DelayedScalingState:
         hist.copy_(torch.where(active.unsqueeze(0), rolled, hist))
 
     # ------------------------------------------------------------------ telemetry
-    def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Per tensor ``<prefix><name>/scale``, ``/amax`` (the newest completed amax) and
-        ``/amax_history_max`` (the window's max); one host sync. Under torch.distributed with
+    def metrics(self, prefix: str = "") -> dict[str, Any]:
+        """Per tensor ``<prefix><name>/scale``, ``/amax`` (the newest completed amax),
+        ``/amax_history_max`` (the window's max) and ``/amax_history_hist``: the window's finite
+        non-zero amaxes binned per binade (bin ``[e, e+1)`` counts amaxes with ``floor(log2 amax)
+        = e``), in W&B's histogram layout ``{"_type": "histogram", "bins", "values"}``; one host
+        sync. Under torch.distributed with
         several ranks also ``<prefix>rank_scale_spread``: the largest relative spread of any
         scale over the ranks (0.0 when every rank quantizes with the same scales, which the amax
         all-reduce guarantees); one collective, so every rank must call it."""
@@ -249,11 +252,19 @@ class DelayedScalingState:
             return {}
         hist, scales = self.amax_history.float(), self.scales.float()
         vals = torch.stack([scales, hist[-1], hist.amax(dim=0)], dim=1).tolist()
-        out: dict[str, float] = {}
-        for name, (scale, recent, window) in zip(self._names, vals):
+        ok = torch.isfinite(hist) & (hist > 0)
+        exps = torch.where(ok, torch.floor(torch.log2(torch.where(ok, hist, 1.0))), 0.0).to(torch.int64)
+        lo = torch.where(ok, exps, 1 << 20).amin(dim=0)
+        # finite FP32 binades span -149..127: 277 bins from each tensor's lowest cover them all
+        counts = torch.zeros(exps.shape[1], 277, dtype=torch.int64, device=exps.device)
+        counts.scatter_add_(1, (exps - lo).clamp(0, 276).T, ok.T.long())
+        lo_list, count_rows = lo.tolist(), counts.tolist()
+        out: dict[str, Any] = {}
+        for i, (name, (scale, recent, window)) in enumerate(zip(self._names, vals)):
             out[f"{prefix}{name}/scale"] = scale
             out[f"{prefix}{name}/amax"] = recent
             out[f"{prefix}{name}/amax_history_max"] = window
+            out[f"{prefix}{name}/amax_history_hist"] = _binade_histogram(lo_list[i], count_rows[i])
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -286,3 +297,13 @@ class DelayedScalingState:
             self._hist[:, i] = hist[:, j].to(self.device)
             self._scale[i] = state["scale"][j].to(self.device)
         self.num_steps = int(state.get("num_steps", 0))
+
+
+def _binade_histogram(lo: int, counts: list[int]) -> dict[str, Any]:
+    """Counts per binade from exponent ``lo`` up, trimmed to the occupied bins (an empty window:
+    one empty bin ``[0, 1)``)."""
+    used = [j for j, c in enumerate(counts) if c]
+    if not used:
+        return {"_type": "histogram", "bins": [0.0, 1.0], "values": [0]}
+    top = used[-1] + 1
+    return {"_type": "histogram", "bins": [float(lo + j) for j in range(top + 1)], "values": counts[:top]}

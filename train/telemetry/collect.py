@@ -37,10 +37,18 @@ from train.data import BatchFeed
 from train.distenv import DistEnv, log0, mean_across_ranks
 from train.preempt import PreemptionGuard
 from train.telemetry.divergence import DivergenceTracker, FileReference, LockstepReference, full_grads
-from train.telemetry.grads import GradStatsCollector, grad_global_norm, weight_metrics
+from train.telemetry.earlywarn import EarlyWarning, describe
+from train.telemetry.grads import (
+    GradStatsCollector,
+    grad_global_norm,
+    master_weights,
+    optimizer_metrics,
+    weight_metrics,
+)
 from train.telemetry.loggers import MultiLogger
 from train.telemetry.nonfinite import NonFiniteWatch
 from train.telemetry.perf import PerfMeter
+from train.telemetry.selection import StatsPlan
 
 
 class Decision(enum.Enum):
@@ -62,10 +70,10 @@ class Cadence:
     max_steps: int
     log_every: int
     eval_every: int
-    stats_every: int
+    stats: StatsPlan
 
     def is_stat(self, step: int) -> bool:
-        return bool(self.stats_every) and step % self.stats_every == 0
+        return self.stats.is_stat(step)
 
     def is_eval(self, step: int) -> bool:
         return step % self.eval_every == 0 or step == self.max_steps
@@ -87,6 +95,8 @@ class _Step:
     manual_norm: torch.Tensor | None = None
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    before: dict[str, torch.Tensor] = field(default_factory=dict)
+    """FP32 master weights at the boundary of a stat step (``update/`` ratios)."""
 
 
 class Telemetry:
@@ -108,11 +118,12 @@ class Telemetry:
         stat_params: list[str] | None = None,
         watch: NonFiniteWatch | None = None,
         run_dir: Any = None,
+        early: EarlyWarning | None = None,
     ):
         self.cadence, self.engine, self.recipe, self.feed = cadence, engine, recipe, feed
         self.denv, self.device, self.loggers, self.perf = denv, device, loggers, perf
         self.tracker, self.guard, self.reference, self.collector = tracker, guard, reference, collector
-        self.watch, self.run_dir = watch, run_dir
+        self.watch, self.run_dir, self.early = watch, run_dir, early
         self.report_path: str | None = None
         self.stat_params = list(stat_params or [])
         """Weight parameters of the layers the heavy statistics look at."""
@@ -151,8 +162,11 @@ class Telemetry:
             cur.manual_norm = grad_global_norm(self.params)
         if cur.capture:
             cur.grads = full_grads(engine, cur.capture)
-        if cur.is_stat:
+        fams = self.cadence.stats.families
+        if cur.is_stat and "weight" in fams:
             cur.weights = weight_metrics(engine, self.stat_layers, grads=cur.grads)
+        if cur.is_stat and "update" in fams:
+            cur.before = master_weights(engine, self.stat_layers)
         w = self.watch
         if w is not None and w.policy != "skip":
             w.fold()
@@ -191,6 +205,12 @@ class Telemetry:
 
     def end_step(self, step: int, *, val_loss: float | None) -> Decision:
         cur = self._step()
+        fams = self.cadence.stats.families
+        if cur.is_stat and ("update" in fams or "opt" in fams):  # the optimizer has stepped
+            cur.weights.update(
+                optimizer_metrics(self.engine, self.stat_layers, before=cur.before, families=fams)
+            )
+            cur.before = {}
         nonfinite = self._nonfinite_on_log_step(cur)
         if cur.is_log:
             metrics = self._row(cur, val_loss=val_loss)
@@ -250,6 +270,7 @@ class Telemetry:
             "perf/mean_tokens_per_s": _mean_after_first(self._tok_rates),
             "perf/mean_mfu_bf16_peak": _mean_after_first(self._mfus),
             **self.tracker.summary(),
+            **(self.early.summary() if self.early is not None else {}),
         }
 
     # ------------------------------------------------------------------ the metrics row
@@ -273,11 +294,23 @@ class Telemetry:
             if self.collector:
                 metrics.update(self.collector.reduce(distributed=self.denv.is_distributed))
             metrics.update(self.recipe.telemetry())
+            if self.early is not None:
+                metrics.update(self.early.update(cur.step, metrics))
+                self._say_warning(cur.step)
         ref_loss = self.reference.step_loss(cur.step) if self.reference is not None else None
         metrics.update(self.tracker.update(cur.step, metrics["train/loss"], ref_loss))
         if cur.capture and self.lockstep is not None:
             metrics.update(self.lockstep.layer_metrics(self.engine, cur.grads, self.stat_params))
         return metrics
+
+    def _say_warning(self, step: int) -> None:
+        """One line per new early warning (the first 5; every one is in the run summary)."""
+        if self.early is None:
+            return
+        new = [w for w in self.early.warnings if w["step"] == step]
+        if new and len(self.early.warnings) - len(new) < 5:
+            more = f" (+{len(new) - 1} more)" if len(new) > 1 else ""
+            log0(self.denv, f"early warning at step {step}: {describe(new[0])}{more}")
 
     def _grad_norm(self, manual: torch.Tensor | None) -> float:
         """DeepSpeed's pre-clip global norm; ZeRO-0 FP32 reports None, so use ours."""

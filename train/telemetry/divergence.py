@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from train.distenv import mean_across_ranks
+from train.telemetry.grads import full_master
 from train.telemetry.loggers import decode_row
 
 # ---------------------------------------------------------------- pure functions
@@ -197,15 +198,9 @@ def full_grads(engine: Any, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def full_weights(engine: Any, names: list[str]) -> dict[str, torch.Tensor]:
-    """FP32 master weights of ``names`` (every ZeRO stage; call on all ranks)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
+    """FP32 master weights of ``names`` (every ZeRO stage and precision; call on all ranks)."""
     params = dict(engine.module.named_parameters())
-    out = {}
-    for n in names:
-        w = safe_get_full_fp32_param(params[n])
-        out[n] = (w if w is not None else params[n]).detach().float().clone()
-    return out
+    return {n: full_master(engine, params[n]).float().clone() for n in names}
 
 
 class FileReference:

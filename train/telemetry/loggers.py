@@ -235,10 +235,7 @@ class WandbLogger:
         for family in {k.split("/", 1)[0] for k in metrics if "/" in k} - self._families:
             self.run.define_metric(f"{family}/*", step_metric="step")  # every family plots against the step
             self._families.add(family)
-        row = {
-            k: wandb.Histogram(v) if k.endswith("_hist") and isinstance(v, list) else v
-            for k, v in metrics.items()
-        }
+        row = {k: _wandb_value(wandb, k, v) for k, v in metrics.items()}
         self.run.log({"step": step, **row}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -255,6 +252,18 @@ class WandbLogger:
             self.run.finish()
         except Exception:  # W&B already failed once and said so; finishing is best effort
             pass
+
+
+def _wandb_value(wandb: Any, key: str, v: Any) -> Any:
+    """``*_hist`` keys as W&B histograms: a list of values (W&B bins them), or the pre-binned
+    ``{"_type": "histogram", "bins": edges, "values": counts}`` of ``metrics.jsonl``."""
+    if not key.endswith("_hist"):
+        return v
+    if isinstance(v, list):
+        return wandb.Histogram(v)
+    if isinstance(v, dict) and v.get("_type") == "histogram":
+        return wandb.Histogram(np_histogram=(v["values"], v["bins"]))
+    return v
 
 
 class MultiLogger:

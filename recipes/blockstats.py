@@ -3,8 +3,8 @@
 Numerics
 --------
 Every function reuses the project's quantizers (``recipes.mx.quantize_mx``,
-``recipes.mx.quantize_nvfp4``, ``recipes.fp8.quantize_fp8_block_1d``,
-``recipes.numerics``) and works on ``fp32(x)`` (detached; a 0-dim ``x`` is one
+``recipes.mx.quantize_nvfp4`` / ``quantize_nvfp4_2d``,
+``recipes.fp8.quantize_fp8_block_1d`` / ``quantize_fp8_block_2d``, ``recipes.numerics``) and works on ``fp32(x)`` (detached; a 0-dim ``x`` is one
 element). Results are 0-dim float32 tensors on ``x``'s device (per-block scale
 tensors excepted); nothing calls ``.item()`` or indexes with a data-dependent
 mask. Each ``*_block_sums`` returns additive counts (int64; the dynamic-range sum
@@ -17,7 +17,10 @@ optimizer-state statistics are ``recipes.gemmstats``.
 Block statistics (:func:`mx_block_stats`, :func:`nvfp4_block_stats`, :func:`fp8_block_stats`)
     Blocks are ``block_size`` consecutive elements along ``axis``
     (``recipes.mx.core.block_layout``: the last block of an axis zero-padded; the
-    padding is never a non-zero element). A block is *non-finite* when it holds
+    padding is never a non-zero element). With ``two_d=True`` (NVFP4 16 x 16, FP8
+    ``block_size`` x ``block_size`` weight tiles) a block is a square tile of a 2-D
+    tensor, edge tiles zero-padded as the 2-D quantizers pad; everything below holds
+    per tile. A block is *non-finite* when it holds
     a NaN or +-Inf (MX: or gets the E8M0 NaN scale, ``se > 127``); it is
     reported by ``nonfinite_block_frac`` (over all blocks) and **left out of
     every other key**. The three fractions below share one denominator, the
@@ -86,17 +89,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from recipes.fp8 import amax as fp8_amax
 from recipes.fp8 import get_format as get_fp8_format
-from recipes.fp8 import quantize_fp8_block_1d, scale_from_amax
+from recipes.fp8 import quantize_fp8_block_1d, quantize_fp8_block_2d, scale_from_amax
 from recipes.fp8.formats import FLT_MAX, FP8Format
 from recipes.mx import FORMATS as MX_FORMATS
 from recipes.mx import ElemFormat, quantize_mx, quantize_nvfp4
 from recipes.mx import get_format as get_mx_format
 from recipes.mx.core import block_amax, block_layout, block_scales, shared_exponent, to_blocks
 from recipes.mx.formats import E8M0_BIAS, E8M0_NAN, check_scale_rule
-from recipes.mx.nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_block_scales, nvfp4_blocks, nvfp4_tensor_scale
+from recipes.mx.nvfp4 import (
+    NVFP4_BLOCK_SIZE,
+    nvfp4_block_scales,
+    nvfp4_blocks,
+    nvfp4_tensor_scale,
+    quantize_nvfp4_2d,
+)
 from recipes.numerics import as_fp32, fraction, overflow_bound, overflows
 
 __all__ = [
@@ -145,6 +155,17 @@ class ScaleGrid:
 MX_GRID = ScaleGrid(-127.0, 1.0, 256)
 NVFP4_GRID = ScaleGrid(-10.0, 0.125, 152)
 FP8_GRID = ScaleGrid(-160.0, 1.0, 320)
+
+
+def _tiles(x32: torch.Tensor, tile: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Square ``tile`` x ``tile`` blocks of a 2-D ``x32`` as ``(1, tiles, tile * tile, 1)`` (row-major
+    over the tile grid; edge tiles zero-padded, as the 2-D quantizers pad) and the grid's shape."""
+    if x32.dim() != 2:
+        raise ValueError(f"2-D tiles need a 2-D tensor, got shape {tuple(x32.shape)}")
+    n, k = x32.shape
+    pn, pk = (-n) % tile, (-k) % tile
+    t = F.pad(x32, (0, pk, 0, pn)).view((n + pn) // tile, tile, (k + pk) // tile, tile).permute(0, 2, 1, 3)
+    return t.reshape(1, -1, tile * tile, 1), (t.shape[0], t.shape[1])
 
 
 def _block_counts(
@@ -262,30 +283,49 @@ def _e4m3_round_up(s: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4_block_stats(
-    x: torch.Tensor, *, axis: int = -1, per_tensor_scale: float | torch.Tensor | None = None
+    x: torch.Tensor,
+    *,
+    axis: int = -1,
+    per_tensor_scale: float | torch.Tensor | None = None,
+    two_d: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Block-scale statistics of ``x`` as NVFP4 (16-element blocks, E4M3 block + FP32 tensor scale).
 
     Keys as :func:`mx_block_stats` (``rule_sensitive_frac``: E4M3 block scale
     rounded to nearest vs up), with ``scale_codes`` (uint8 E4M3 codes) and
     ``tensor_scale`` instead of ``scale_exponents``. ``per_tensor_scale`` is
-    passed to ``quantize_nvfp4``.
+    passed to ``quantize_nvfp4``. ``two_d``: 16 x 16 tiles of a 2-D ``x``
+    (``quantize_nvfp4_2d``, TE's NVFP4 weights; ``axis`` is ignored, ``scale_codes``
+    is the tile grid).
     """
-    counts, extra = _nvfp4(x, axis=axis, per_tensor_scale=per_tensor_scale)
+    counts, extra = _nvfp4(x, axis=axis, per_tensor_scale=per_tensor_scale, two_d=two_d)
     return {**block_stats_from_sums(counts), **extra}
 
 
 def nvfp4_block_sums(
-    x: torch.Tensor, *, axis: int = -1, per_tensor_scale: float | torch.Tensor | None = None
+    x: torch.Tensor,
+    *,
+    axis: int = -1,
+    per_tensor_scale: float | torch.Tensor | None = None,
+    two_d: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The additive counts behind :func:`nvfp4_block_stats`, ``scale_hist`` on :data:`NVFP4_GRID`."""
-    return _nvfp4(x, axis=axis, per_tensor_scale=per_tensor_scale)[0]
+    return _nvfp4(x, axis=axis, per_tensor_scale=per_tensor_scale, two_d=two_d)[0]
 
 
-def _nvfp4(x: torch.Tensor, *, axis: int, per_tensor_scale: float | torch.Tensor | None) -> tuple[dict, dict]:
+def _nvfp4(
+    x: torch.Tensor, *, axis: int, per_tensor_scale: float | torch.Tensor | None, two_d: bool
+) -> tuple[dict, dict]:
     x32 = as_fp32(x)
-    layout = block_layout(x32.shape, block_size=NVFP4_BLOCK_SIZE, axis=axis)
-    xb = to_blocks(x32, layout)
+    if two_d:
+        if per_tensor_scale is not None:
+            raise ValueError("2-D NVFP4 tiles take their tensor scale from the tensor (quantize_nvfp4_2d)")
+        xb, scale_shape = _tiles(x32, NVFP4_BLOCK_SIZE)
+        q_reported = _tiles(quantize_nvfp4_2d(x32), NVFP4_BLOCK_SIZE)[0]
+    else:
+        layout = block_layout(x32.shape, block_size=NVFP4_BLOCK_SIZE, axis=axis)
+        xb, scale_shape = to_blocks(x32, layout), layout.scale_shape
+        q_reported = to_blocks(quantize_nvfp4(x32, axis=axis, per_tensor_scale=per_tensor_scale), layout)
     amax_b = block_amax(xb)
     finite = torch.isfinite(amax_b)
     if per_tensor_scale is not None:
@@ -296,13 +336,13 @@ def _nvfp4(x: torch.Tensor, *, axis: int, per_tensor_scale: float | torch.Tensor
         s_t = nvfp4_tensor_scale(torch.zeros((), device=x32.device))
     s = ((amax_b / _FP4.max_norm) / s_t).clamp_(_E4M3_MIN_NORMAL, _E4M3_MAX)  # before E4M3 rounding
     s_b = nvfp4_block_scales(amax_b, s_t)
-    q_near = to_blocks(quantize_nvfp4(x32, axis=axis, per_tensor_scale=per_tensor_scale), layout)
+    q_near = q_reported
     q_up = nvfp4_blocks(xb, s_t, _e4m3_round_up(s), finite)
     saturated = _rounds_past_max(amax_b * ((1.0 / s_t) / s_b), _FP4.max_norm, _FP4.mbits).squeeze(2)
     counts = _block_counts(xb, q_near, q_near, q_up, ~finite.squeeze(2), saturated,
                            torch.log2(s_b).squeeze(2), NVFP4_GRID)  # fmt: skip
     codes = s_b.to(_E4M3_DTYPE).view(torch.uint8).masked_fill(~finite, _E4M3_NAN_CODE)
-    return counts, {"scale_codes": codes.reshape(layout.scale_shape), "tensor_scale": s_t.reshape(()).float()}
+    return counts, {"scale_codes": codes.reshape(scale_shape), "tensor_scale": s_t.reshape(()).float()}
 
 
 def fp8_block_stats(
@@ -313,53 +353,40 @@ def fp8_block_stats(
     axis: int = -1,
     power_2_scales: bool = True,
     amax_epsilon: float = 0.0,
+    two_d: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Block-scale statistics of ``x`` under FP8 1 x ``block_size`` scaling (``quantize_fp8_block_1d``).
 
     Keys as :func:`mx_block_stats` (``rule_sensitive_frac``: power-of-two vs exact
-    FP32 scales), with ``scales`` (float32 per block, of ``power_2_scales``).
+    FP32 scales), with ``scales`` (float32 per block, of ``power_2_scales``). ``two_d``:
+    ``block_size`` x ``block_size`` tiles of a 2-D ``x`` (``quantize_fp8_block_2d``, TE's
+    128 x 128 weights; ``axis`` is ignored, ``scales`` is the tile grid).
     """
     counts, extra = _fp8(x, fmt=fmt, block_size=block_size, axis=axis, power_2_scales=power_2_scales,
-                         amax_epsilon=amax_epsilon)  # fmt: skip
+                         amax_epsilon=amax_epsilon, two_d=two_d)  # fmt: skip
     return {**block_stats_from_sums(counts), **extra}
 
 
-def fp8_block_sums(
-    x: torch.Tensor,
-    *,
-    fmt: str | FP8Format = "e4m3",
-    block_size: int = 128,
-    axis: int = -1,
-    power_2_scales: bool = True,
-    amax_epsilon: float = 0.0,
-) -> dict[str, torch.Tensor]:
-    """The additive counts behind :func:`fp8_block_stats`, ``scale_hist`` on :data:`FP8_GRID`."""
-    return _fp8(x, fmt=fmt, block_size=block_size, axis=axis, power_2_scales=power_2_scales,
-                amax_epsilon=amax_epsilon)[0]  # fmt: skip
+def fp8_block_sums(x: torch.Tensor, **kw: Any) -> dict[str, torch.Tensor]:
+    """The additive counts behind :func:`fp8_block_stats` (same keywords), ``scale_hist`` on :data:`FP8_GRID`."""
+    return _fp8(x, **kw)[0]
 
 
-def _fp8(
-    x: torch.Tensor,
-    *,
-    fmt: str | FP8Format,
-    block_size: int,
-    axis: int,
-    power_2_scales: bool,
-    amax_epsilon: float,
-) -> tuple[dict, dict]:
+def _fp8(x: torch.Tensor, *, fmt: str | FP8Format = "e4m3", block_size: int = 128, axis: int = -1,
+         power_2_scales: bool = True, amax_epsilon: float = 0.0, two_d: bool = False) -> tuple[dict, dict]:  # fmt: skip
     f = get_fp8_format(fmt)
     x32 = as_fp32(x)
-    layout = block_layout(x32.shape, block_size=block_size, axis=axis)
-    xb = to_blocks(x32, layout)
-    q = {
-        p2: to_blocks(
-            quantize_fp8_block_1d(
-                x32, f, axis=axis, block_size=block_size, power_2_scales=p2, amax_epsilon=amax_epsilon
-            ),
-            layout,
-        )
-        for p2 in (True, False)
-    }
+    q: dict[bool, torch.Tensor] = {}
+    kw = dict(block_size=block_size, amax_epsilon=amax_epsilon)
+    if two_d:
+        xb, scale_shape = _tiles(x32, block_size)
+        for p2 in (True, False):
+            q[p2] = _tiles(quantize_fp8_block_2d(x32, f, power_2_scales=p2, **kw), block_size)[0]  # type: ignore[arg-type]
+    else:
+        layout = block_layout(x32.shape, block_size=block_size, axis=axis)
+        xb, scale_shape = to_blocks(x32, layout), layout.scale_shape
+        for p2 in (True, False):
+            q[p2] = to_blocks(quantize_fp8_block_1d(x32, f, axis=axis, power_2_scales=p2, **kw), layout)  # type: ignore[arg-type]
     amax = fp8_amax(xb, dim=2, keepdim=True)  # NaN-ignoring, as the quantizer's
     scale = scale_from_amax(
         amax, f.max, power_2_scale=power_2_scales, amax_epsilon=amax_epsilon, value_for_inf=FLT_MAX
@@ -368,4 +395,4 @@ def _fp8(
     saturated = _rounds_past_max(amax * scale, f.max, f.mantissa_bits).squeeze(2)
     counts = _block_counts(xb, q[power_2_scales], q[True], q[False], bad, saturated,
                            -torch.log2(scale).squeeze(2), FP8_GRID)  # fmt: skip
-    return counts, {"scales": scale.reshape(layout.scale_shape)}
+    return counts, {"scales": scale.reshape(scale_shape)}

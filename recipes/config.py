@@ -26,12 +26,18 @@ GEMM_FAMILIES = ("fp32", "bf16", "fp16", "fp8", "fp6", "fp4", "int8")
 #: element format (``recipe.*_format``) -> the tensor-core rate class it runs at
 ELEMENT_GEMM_FAMILY = {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "fp6_e3m2": "fp6", "fp6_e2m3": "fp6",
                        "fp4_e2m1": "fp4", "int8": "int8"}  # fmt: skip
-#: value of ``weight_dgrad_format`` / ``input_wgrad_format`` / ``grad_rounding``
-#: meaning "as the forward role" (``weight_format`` / ``input_format`` / ``rounding``)
+#: value of ``weight_dgrad_format`` / ``input_wgrad_format`` / ``grad_output_{dgrad,wgrad}_format``
+#: / ``grad_rounding`` meaning "as the forward role" (``weight_format`` / ``input_format`` /
+#: ``grad_output_format`` / ``rounding``)
 SAME = "same"
-#: the fields naming a GEMM operand's format (``null``: that operand stays in high precision)
+#: the fields naming a GEMM operand's format (``null``: that operand stays in high precision);
+#: ``grad_output_format`` is the default of dY's two copies, the last two fields
 ROLE_FORMAT_FIELDS = ("input_format", "weight_format", "grad_output_format", "weight_dgrad_format",
-                      "input_wgrad_format")  # fmt: skip
+                      "input_wgrad_format", "grad_output_dgrad_format", "grad_output_wgrad_format")  # fmt: skip
+#: the six operands of a converted Linear's three GEMMs (forward, dgrad, wgrad), as role fields
+OPERAND_FIELDS = {"fwd": ("input_format", "weight_format"),
+                  "dgrad": ("grad_output_dgrad_format", "weight_dgrad_format"),
+                  "wgrad": ("grad_output_wgrad_format", "input_wgrad_format")}  # fmt: skip
 
 
 @dataclass
@@ -68,7 +74,13 @@ class RecipeConfig:
     weight_format: Optional[str] = None
     """Forward weight W (blocks along K); null = high precision."""
     grad_output_format: Optional[str] = None
-    """Output gradient dY in both backward GEMMs (dgrad: along N, wgrad: along tokens)."""
+    """Output gradient dY in both backward GEMMs (dgrad: along N, wgrad: along tokens), unless
+    one of its two copies below says otherwise."""
+    grad_output_dgrad_format: Optional[str] = SAME
+    """dY's copy in the input-gradient GEMM ``dY W``; ``same`` = grad_output_format."""
+    grad_output_wgrad_format: Optional[str] = SAME
+    """dY's copy in the weight-gradient GEMM ``dY^T x``; ``same`` = grad_output_format. With
+    the dgrad copy it lets one backward GEMM be quantized without the other (``train.attribute``)."""
     weight_dgrad_format: Optional[str] = SAME
     """W's copy in the input-gradient GEMM (blocks along N); ``same`` = weight_format."""
     input_wgrad_format: Optional[str] = SAME
@@ -130,10 +142,13 @@ class RecipeConfig:
 
 def resolve_same(cfg: RecipeConfig) -> RecipeConfig:
     """``cfg`` with every ``same`` resolved: the dgrad / wgrad copies' formats to the forward
-    role's, ``grad_rounding`` to ``rounding``. The one place the sentinel is read."""
+    role's (dY's two copies to ``grad_output_format``), ``grad_rounding`` to ``rounding``. The one place the sentinel is read."""
+    g = cfg.grad_output_format
     return dataclasses.replace(
         cfg,
         weight_dgrad_format=cfg.weight_format if cfg.weight_dgrad_format == SAME else cfg.weight_dgrad_format,
         input_wgrad_format=cfg.input_format if cfg.input_wgrad_format == SAME else cfg.input_wgrad_format,
+        grad_output_dgrad_format=g if cfg.grad_output_dgrad_format == SAME else cfg.grad_output_dgrad_format,
+        grad_output_wgrad_format=g if cfg.grad_output_wgrad_format == SAME else cfg.grad_output_wgrad_format,
         grad_rounding=cfg.rounding if cfg.grad_rounding == SAME else cfg.grad_rounding,
     )

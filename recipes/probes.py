@@ -25,13 +25,15 @@ axis-free dY quantizer (per-tensor, 2-D) quantizes dY once for both backward GEM
   transform, of the transformed ones: equal to the untransformed product up to FP32 rounding),
   as ``sqnr_db`` and ``rel_error``, and ``<role>_sqnr_db`` with only that operand quantized
   (roles named as in ``RecipeConfig``: forward ``input``, ``weight``; dgrad ``grad_output``,
-  ``weight_dgrad``; wgrad ``grad_output``, ``input_wgrad``; a role kept in high precision has
+  ``weight_dgrad``; wgrad ``grad_output``, ``input_wgrad``, and ``grad_output_wgrad`` for dY
+  where the recipe gives its wgrad copy its own format; a role kept in high precision has
   no key). It measures the operands' quantization, not the output's rounding to the engine
   dtype, nor a real FP8 kernel's accumulation (``train.parity`` compares backends).
 * ``scales/<role>/...`` (``recipes.blockstats``): block-scale statistics of every block-scaled
   role (MX, NVFP4 1x16, FP8 1x``block_size``) on its GEMM's layout (``grad_output`` on dgrad's,
-  along N), and ``log2_scale_hist``. 2-D weight tiles (NVFP4 16x16, FP8 128x128) have no block
-  statistics yet. Per-tensor and rowwise FP8 have no blocks.
+  along N), and ``log2_scale_hist``. 2-D weight tiles (NVFP4 16x16, FP8 ``block_size`` squared,
+  ``recipe.weight_2d_blocks``) are the same tiles for ``weight`` and ``weight_dgrad``, so the two
+  roles log equal values. Per-tensor and rowwise FP8 have no blocks.
 * ``grad`` sums (``recipes.numerics.tensor_sums`` keys) of dY *as the recipe quantizes it*
   where a ``FormatSpec`` cannot say it: delayed scaling (the scale of this step, overflow
   counted against it), rowwise and block FP8 (their own scales; overflow 0 by construction, the
@@ -106,12 +108,12 @@ def _block_sums(
     if isinstance(role, MXRole):
         kw = dict(fmt=role.fmt, block_size=role.block_size, scale_rule=role.scale_rule)
         return mx_block_sums(x32, axis=axis, **kw), MX_GRID, True  # type: ignore[arg-type]
-    if isinstance(role, NVFP4Role) and not role.two_d:
-        return nvfp4_block_sums(x32, axis=axis), NVFP4_GRID, False
-    if isinstance(role, FP8BlockRole) and not role.two_d:
+    if isinstance(role, NVFP4Role):
+        return nvfp4_block_sums(x32, axis=axis, two_d=role.two_d), NVFP4_GRID, False
+    if isinstance(role, FP8BlockRole):
         kw = dict(fmt=role.fmt, block_size=role.block_size, power_2_scales=role.power_2_scales,
-                  amax_epsilon=role.amax_epsilon)  # fmt: skip
-        return fp8_block_sums(x32, axis=axis, **kw), FP8_GRID, True  # type: ignore[arg-type]
+                  amax_epsilon=role.amax_epsilon, two_d=role.two_d)  # fmt: skip
+        return fp8_block_sums(x32, axis=axis, **kw), FP8_GRID, True
     return None
 
 
@@ -125,14 +127,24 @@ class LayerProbe:
     weight_dgrad: RoleQuantizer | None = None
     input_wgrad: RoleQuantizer | None = None
     wgrad_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    grad_output_wgrad: RoleQuantizer | None = None
+    """dY's own wgrad quantizer where the recipe splits dY (``split_dy``), else unused."""
+    split_dy: bool = False
     _grids: dict[str, tuple[ScaleGrid, bool]] = dataclasses.field(default_factory=dict)
 
     def _q(self, role: str, x32: torch.Tensor, axis: int) -> torch.Tensor:
         q = getattr(self, role)
         return x32 if q is None else q(x32, axis=axis, training=False)
 
+    def roles_of(self, gemm: str) -> tuple[str, str]:
+        """``gemm``'s two operand roles: :data:`GEMM_ROLES`, with wgrad's dY named
+        ``grad_output_wgrad`` where the recipe quantizes it on its own."""
+        if gemm == "wgrad" and self.split_dy:
+            return ("grad_output_wgrad", "input_wgrad")
+        return GEMM_ROLES[gemm]
+
     def _gemm(self, out: dict, gemm: str, a, b, qa, qb) -> None:
-        ra, rb = GEMM_ROLES[gemm]
+        ra, rb = self.roles_of(gemm)
         if getattr(self, ra) is None and getattr(self, rb) is None:
             return
         for k, v in gemm_error_sums(a, b, qa, qb).items():
@@ -143,7 +155,7 @@ class LayerProbe:
         if found is None:
             return
         counts, grid, shifts = found
-        self._grids[role] = (grid, shifts and role == "grad_output")
+        self._grids[role] = (grid, shifts and role.startswith("grad_output"))
         for k, v in counts.items():
             out[f"scales/{role}/{k}"] = v
 
@@ -168,16 +180,22 @@ class LayerProbe:
             gw, xw = g32, x32
             if self.wgrad_transform is not None:
                 gw, xw = self.wgrad_transform(g32), self.wgrad_transform(x32)
+            dy_w = self.roles_of("wgrad")[0]
             reuse = (
-                self.grad_output is not None and self.grad_output.axis_free and self.wgrad_transform is None
+                dy_w == "grad_output"
+                and self.grad_output is not None
+                and self.grad_output.axis_free
+                and self.wgrad_transform is None
             )
-            qgw = qg if reuse else self._q("grad_output", gw, 0)
+            qgw = qg if reuse else self._q(dy_w, gw, 0)
             self._gemm(out, "wgrad", gw.t(), xw, qgw.t(), self._q("input_wgrad", xw, 0))
         if scales:
             self._scales(out, "grad_output", g32, -1)
             self._scales(out, "weight_dgrad", w32, 0)
-            xw = x32 if self.wgrad_transform is None else self.wgrad_transform(x32)
-            self._scales(out, "input_wgrad", xw, 0)
+            t = self.wgrad_transform or (lambda v: v)
+            if self.split_dy:
+                self._scales(out, "grad_output_wgrad", t(g32), 0)
+            self._scales(out, "input_wgrad", t(x32), 0)
         return out
 
     def grad_sums(self, g32: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -203,7 +221,8 @@ class LayerProbe:
     def finish(self, sums: dict[str, Any], *, world_size: int) -> dict[str, Any]:
         """Logged values (0-dim tensors; histograms as ``scale_histogram`` dicts) from reduced sums."""
         out: dict[str, Any] = {}
-        for gemm, (ra, rb) in GEMM_ROLES.items():
+        for gemm in GEMM_ROLES:
+            ra, rb = self.roles_of(gemm)
             if f"gemm/{gemm}/ref_sq" not in sums:
                 continue
             e = gemm_errors_from_sums({k: sums[f"gemm/{gemm}/{k}"] for k in _GEMM_SUMS})
@@ -237,9 +256,14 @@ def probe_for(module: nn.Module) -> LayerProbe | None:
         r: _private(getattr(qs, r), sr)
         for r in ("input", "weight", "grad_output", "weight_dgrad", "input_wgrad")
     }
+    split = bool(getattr(qs, "split_dy", False))
+    if split:
+        roles["grad_output_wgrad"] = _private(qs.wgrad_dy, sr)
     if all(v is None for v in roles.values()):
         return None
     return LayerProbe(
+        grad_output_wgrad=roles.get("grad_output_wgrad"),
+        split_dy=split,
         input=roles["input"],
         weight=roles["weight"],
         grad_output=roles["grad_output"],

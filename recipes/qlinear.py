@@ -23,8 +23,10 @@ wgrad        ``dW = Q_gw(dY)^T @ Q_xw(x)``                 tokens M (axis 0 of b
 * The backward pass re-quantizes from the *high-precision* saved ``x`` and
   ``W`` (as microxcaling and TE do), never from the forward's quantized copies.
   A role left ``None`` keeps that operand in FP32 (upcast from the engine dtype).
-* Axis-free quantizers (per-tensor FP8, 2-D tiles) quantize dY once for both
-  backward GEMMs.
+* ``Q_g`` and ``Q_gw`` are one quantizer unless ``grad_output_wgrad`` gives dY's wgrad copy
+  its own (``recipe.grad_output_{dgrad,wgrad}_format``: one backward GEMM quantized, the
+  other not). Axis-free quantizers (per-tensor FP8, 2-D tiles) shared by both quantize dY
+  once for both backward GEMMs.
 * With every role ``None`` the module calls ``F.linear`` in the engine dtype:
   bitwise identical to ``nn.Linear``.
 * Optional ``wgrad_transform`` (NVFP4's random Hadamard transform) is applied to
@@ -54,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recipes import compiling
+from recipes.config import SAME
 from recipes.quantizers import RoleQuantizer
 
 __all__ = ["LinearQuantizers", "MatmulQuantizers", "QuantLinear", "quant_linear", "quant_matmul"]
@@ -79,10 +82,25 @@ class LinearQuantizers:
     input_wgrad: RoleQuantizer | None = None
     wgrad_transform: Transform | None = None
     compile: bool = False
+    grad_output_wgrad: RoleQuantizer | None | str = SAME
+    """dY's quantizer in the wgrad GEMM; ``"same"`` (default): ``grad_output``, which then
+    quantizes dY for both backward GEMMs (``grad_output`` is the dgrad copy either way)."""
+
+    @property
+    def split_dy(self) -> bool:
+        """dY has its own wgrad quantizer (``recipe.grad_output_{dgrad,wgrad}_format`` differ)."""
+        return not isinstance(self.grad_output_wgrad, str)
+
+    @property
+    def wgrad_dy(self) -> RoleQuantizer | None:
+        """The quantizer of dY in the wgrad GEMM."""
+        g = self.grad_output_wgrad
+        return self.grad_output if isinstance(g, str) else g
 
     @property
     def roles(self) -> tuple[RoleQuantizer | None, ...]:
-        return (self.input, self.weight, self.grad_output, self.weight_dgrad, self.input_wgrad)
+        extra = (self.wgrad_dy,) if self.split_dy else ()
+        return (self.input, self.weight, self.grad_output, self.weight_dgrad, self.input_wgrad, *extra)
 
     @property
     def active(self) -> bool:
@@ -98,6 +116,9 @@ class LinearQuantizers:
         for role in ("input", "weight", "grad_output", "weight_dgrad", "input_wgrad"):
             q = getattr(self, role)
             out[role] = "high precision" if q is None else q.describe()
+        if self.split_dy:
+            out["grad_output"] += " (dgrad)"
+            out["grad_output_wgrad"] = "high precision" if self.wgrad_dy is None else self.wgrad_dy.describe()
         if self.wgrad_transform is not None:
             out["wgrad_transform"] = "random 16x16 Hadamard along tokens"
         return out
@@ -130,11 +151,11 @@ def _backward_body(x, weight, grad_y, qs: LinearQuantizers, training: bool, need
         gw = g32
         if qs.wgrad_transform is not None:
             gw, x32 = qs.wgrad_transform(gw), qs.wgrad_transform(x32)
-            qgw = _q(qs.grad_output, gw, 0, training)
-        elif qg is not None and qs.grad_output is not None and qs.grad_output.axis_free:
+            qgw = _q(qs.wgrad_dy, gw, 0, training)
+        elif qg is not None and not qs.split_dy and qs.grad_output is not None and qs.grad_output.axis_free:
             qgw = qg  # per-tensor / 2-D scale: the dgrad copy is the wgrad copy
         else:
-            qgw = _q(qs.grad_output, gw, 0, training)
+            qgw = _q(qs.wgrad_dy, gw, 0, training)
         qxw = _q(qs.input_wgrad, x32, 0, training)
         dw = torch.mm(qgw.t(), qxw).to(weight.dtype)
     return dx, dw, g32

@@ -86,7 +86,7 @@ from torch import nn
 
 from recipes import backends
 from recipes.base import ConversionReport, Recipe, iter_linears, register_recipe
-from recipes.config import ELEMENT_GEMM_FAMILY, RecipeConfig, resolve_same
+from recipes.config import ELEMENT_GEMM_FAMILY, SAME, RecipeConfig, resolve_same
 from recipes.filter import FilterDecision, num_blocks, select_modules
 from recipes.fp8 import DelayedScaling, DelayedScalingState
 from recipes.fp8.gemm import check_dims
@@ -94,6 +94,7 @@ from recipes.mx.nvfp4 import hadamard_tokens
 from recipes.numerics import FormatSpec, get_spec, mx_format_name
 from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear
 from recipes.quantized_checks import (
+    check_block_dims,
     check_recipe_config,
     config_error,
     quantizer_kind,
@@ -166,23 +167,8 @@ class QuantizedRecipe(Recipe):
                                        "recipe.skip_modules, or use recipe.backend=emulated")  # fmt: skip
         if not quantizer_kind(cfg).blocked:
             return
-        f = role_formats(cfg)
-        fwd = f["input_format"] is not None or f["weight_format"] is not None
-        dgrad = f["grad_output_format"] is not None or f["weight_dgrad_format"] is not None
         linears = dict(iter_linears(model))
-        for name in self.select(model).converted:
-            lin = linears[name]
-            for on, dim, what in (
-                (fwd, lin.in_features, "in_features"),
-                (dgrad, lin.out_features, "out_features"),
-            ):
-                if on and dim % cfg.block_size:
-                    raise config_error(
-                        "block_size",
-                        cfg.block_size,
-                        f"must divide every converted layer's reduction dims, but {name}.{what}={dim}; "
-                        f"choose a block size dividing it, or keep {name} in high precision via recipe.skip_modules",
-                    )
+        check_block_dims(cfg, {name: linears[name] for name in self.select(model).converted})
         if cfg.quantize_attention:
             for name, attn in self._attention_modules(model):
                 if int(attn.head_dim) % cfg.block_size:  # type: ignore[arg-type]  # an int attribute of a Module
@@ -229,7 +215,7 @@ class QuantizedRecipe(Recipe):
         ``fp8_current``, an approximation for the others (delayed scales lag the amax, rowwise
         and block scales are finer)."""
         cfg = self.cfg
-        fmt = role_formats(cfg)["grad_output_format"]
+        fmt = role_formats(cfg)["grad_output_dgrad_format"]
         if fmt is None:
             return None
         family = quantizer_kind(cfg).family
@@ -339,7 +325,8 @@ class QuantizedRecipe(Recipe):
             if self.compile:  # the bodies are compiled whole; the roles inside run uncompiled
                 qs = dataclasses.replace(
                     qs, input=_eager(qs.input), weight=_eager(qs.weight), grad_output=_eager(qs.grad_output),
-                    weight_dgrad=_eager(qs.weight_dgrad), input_wgrad=_eager(qs.input_wgrad), compile=True,
+                    weight_dgrad=_eager(qs.weight_dgrad), input_wgrad=_eager(qs.input_wgrad),
+                    grad_output_wgrad=_eager(qs.wgrad_dy) if qs.split_dy else SAME, compile=True,
                 )  # fmt: skip
             self._shared = qs
         return qs
@@ -350,18 +337,21 @@ class QuantizedRecipe(Recipe):
         f, two_d = role_formats(self.cfg), self.cfg.weight_2d_blocks
         inp = self._role(f["input_format"], tensor=f"{name}/input")
         w = self._role(f["weight_format"], tensor=f"{name}/weight", two_d=two_d)
-        g = self._role(f["grad_output_format"], tensor=f"{name}/grad_output", grad=True)
+        g_fmt, gw_fmt = f["grad_output_dgrad_format"], f["grad_output_wgrad_format"]
+        g = self._role(g_fmt, tensor=f"{name}/grad_output", grad=True)
+        gw = SAME if gw_fmt == g_fmt else self._role(gw_fmt, tensor=f"{name}/grad_output", grad=True)
         wd_fmt, xw_fmt = f["weight_dgrad_format"], f["input_wgrad_format"]
         wd = w if wd_fmt == f["weight_format"] else self._role(wd_fmt, tensor=f"{name}/weight", two_d=two_d)
         xw = inp if xw_fmt == f["input_format"] else self._role(xw_fmt, tensor=f"{name}/input")
-        return LinearQuantizers(inp, w, g, wd, xw, hadamard_tokens if self.cfg.wgrad_hadamard else None)
+        transform = hadamard_tokens if self.cfg.wgrad_hadamard else None
+        return LinearQuantizers(inp, w, g, wd, xw, transform, grad_output_wgrad=gw)
 
     def _scaled_gemms(self, name: str) -> ScaledGemms:
         """backend=torch: the same role quantizers, called through ``cast``."""
         qs = self.linear_quantizers(name)
         roles = (qs.input, qs.weight, qs.grad_output, qs.weight_dgrad, qs.input_wgrad)
-        assert all(r is not None and r.castable for r in roles), (
-            "backends.torch_problem admits castable roles only"
+        assert all(r is not None and r.castable for r in roles) and not qs.split_dy, (
+            "backends.torch_problem admits castable roles only, one dY format (FP8: fp8_format's)"
         )
         c = self.cfg
         fast = (c.fast_accum_forward, c.fast_accum_dgrad, c.fast_accum_wgrad)
@@ -372,7 +362,7 @@ class QuantizedRecipe(Recipe):
         f = role_formats(self.cfg)
         a = self._role(f["input_format"], tensor=f"{name}.a/input")
         b = self._role(f["input_format"], tensor=f"{name}.b/input")
-        g = self._role(f["grad_output_format"], tensor=f"{name}/grad_output", grad=True)
+        g = self._role(f["grad_output_dgrad_format"], tensor=f"{name}/grad_output", grad=True)
         if f["input_wgrad_format"] == f["input_format"]:
             a_bwd, b_bwd = a, b
         else:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 
-from recipes.config import ROLE_FORMAT_FIELDS, RecipeConfig, resolve_same
+from torch import nn
+
+from recipes.config import OPERAND_FIELDS, ROLE_FORMAT_FIELDS, RecipeConfig, resolve_same
 from recipes.errors import ConfigError
 from recipes.fp8 import format_for_role
 from recipes.mx import FORMATS, ROUNDINGS, SCALE_RULES
@@ -20,11 +22,16 @@ from recipes.quantizers import QUANTIZER_KINDS, QuantizerKind
 __all__ = ["check_recipe_config", "config_error", "quantizer_kind", "resolve_compile", "role_formats"]
 
 #: role field -> the TE tensor role deciding its FP8 format (E5M2 for grad_output under HYBRID)
-_TE_ROLES = dict(zip(ROLE_FORMAT_FIELDS, ("input", "weight", "grad_output", "weight", "input")))
+_TE_ROLES = dict(
+    zip(
+        ROLE_FORMAT_FIELDS,
+        ("input", "weight", "grad_output", "weight", "input", "grad_output", "grad_output"),
+    )
+)
 
 
 def role_formats(cfg: RecipeConfig) -> dict[str, str | None]:
-    """The five role formats with ``same`` resolved."""
+    """The role formats (``ROLE_FORMAT_FIELDS``) with ``same`` resolved."""
     r = resolve_same(cfg)
     return {k: getattr(r, k) for k in ROLE_FORMAT_FIELDS}
 
@@ -52,7 +59,7 @@ def config_error(key: str, value: object, fix: str) -> ConfigError:
 
 def _check_formats(cfg: RecipeConfig, kind: QuantizerKind) -> None:
     formats = role_formats(cfg)
-    if all(v is None for v in formats.values()):
+    if all(formats[k] is None for gemm in OPERAND_FIELDS.values() for k in gemm):
         raise config_error(
             "input_format", None, f"recipe {cfg.name} quantizes nothing: set at least one *_format"
         )
@@ -157,3 +164,31 @@ def check_recipe_config(cfg: RecipeConfig) -> None:
     _check_numbers(cfg, kind)
     _check_formats(cfg, kind)
     _check_block_size(cfg, kind)
+    f = role_formats(cfg)
+    if cfg.quantize_attention and f["grad_output_dgrad_format"] != f["grad_output_wgrad_format"]:
+        raise config_error(
+            "grad_output_wgrad_format",
+            f["grad_output_wgrad_format"],
+            "the attention matmuls quantize dS and dO once for both of their backward GEMMs; set it equal "
+            f"to grad_output_dgrad_format ({f['grad_output_dgrad_format']}) or recipe.quantize_attention=false",
+        )
+
+
+def check_block_dims(cfg: RecipeConfig, converted: dict[str, nn.Linear]) -> None:
+    """The block size divides every converted layer's reduction dims (K for the forward, N for
+    dgrad) where that GEMM quantizes something; wgrad reduces over tokens (padded)."""
+    f = role_formats(cfg)
+    fwd = f["input_format"] is not None or f["weight_format"] is not None
+    dgrad = f["grad_output_dgrad_format"] is not None or f["weight_dgrad_format"] is not None
+    for name, lin in converted.items():
+        for on, dim, what in (
+            (fwd, lin.in_features, "in_features"),
+            (dgrad, lin.out_features, "out_features"),
+        ):
+            if on and dim % cfg.block_size:
+                raise config_error(
+                    "block_size",
+                    cfg.block_size,
+                    f"must divide every converted layer's reduction dims, but {name}.{what}={dim}; "
+                    f"choose a block size dividing it, or keep {name} in high precision via recipe.skip_modules",
+                )

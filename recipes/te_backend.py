@@ -152,9 +152,11 @@ def _check_common(cfg: RecipeConfig) -> None:
     for key, fmt in f.items():
         if fmt is None:
             raise _refuse(key, None, "TE quantizes x, W and dY of every converted GEMM")
-    for copy, fwd in (("weight_dgrad_format", "weight_format"), ("input_wgrad_format", "input_format")):
+    for copy, fwd in (("weight_dgrad_format", "weight_format"), ("input_wgrad_format", "input_format"),
+                      ("grad_output_dgrad_format", "grad_output_format"),
+                      ("grad_output_wgrad_format", "grad_output_format")):  # fmt: skip
         if f[copy] != f[fwd]:
-            raise _refuse(copy, f[copy], f"TE quantizes the backward copy in the forward format {f[fwd]}")
+            raise _refuse(copy, f[copy], f"TE quantizes this backward copy as recipe.{fwd}={f[fwd]}")
     if cfg.rounding != "nearest_even":
         raise _refuse("rounding", cfg.rounding, "TE casts x and W round-to-nearest-even only")
     sr_ok = ("nearest_even", "stochastic") if cfg.quantizer == "nvfp4" else ("nearest_even",)

@@ -12,6 +12,7 @@ from recipes.blockstats import (
     _e4m3_round_up,
     _rounds_past_max,
     fp8_block_stats,
+    fp8_block_sums,
     mx_block_stats,
     mx_block_sums,
     nvfp4_block_stats,
@@ -333,3 +334,67 @@ def test_moment_underflow_sums_hand_case():
     assert (int(s["nonzero"]), int(s["bf16"]), int(s["e4m3"])) == (4, 0, 2)
     fr = moment_underflow_from_sums(s)
     assert val(fr["underflow_e4m3"]) == 0.5 and val(fr["underflow_bf16"]) == 0.0
+
+
+# ---------------------------------------------------------------- 2-D weight tiles
+
+
+def test_nvfp4_16x16_tiles_hand_case():
+    # 32 x 32: four tiles. Tensor amax 2688 = 6 * 448, so s_t = 1 exactly.
+    w = torch.zeros(32, 32)
+    w[0:16, 16:32] = 1.05  # s = 1.05/6 = 0.175: E4M3 nearest 0.171875 (< s), up 0.1875 -> values change
+    w[16:32, 0:16] = 1e-3  # s clamps to 2^-6; 1e-3 / 2^-6 = 0.064 rounds to 0: a zero block
+    w[16:32, 16:32] = 1.0
+    w[16, 16] = 2688.0  # s_b = 448 exactly; the other 255 elements (1/448) round to 0, the tile lives
+    st = nvfp4_block_stats(w, two_d=True)
+    assert float(st["tensor_scale"]) == 1.0
+    assert st["scale_codes"].shape == (2, 2)
+    assert float(st["nonfinite_block_frac"]) == 0.0
+    # live: the three non-zero tiles
+    assert float(st["zero_block_frac"]) == pytest.approx(1 / 3)
+    assert float(st["rule_sensitive_frac"]) == pytest.approx(1 / 3)
+    assert float(st["saturated_frac"]) == 0.0
+    assert float(st["dyn_range_log2"]) == pytest.approx(math.log2(2688.0) / 3)
+    codes = st["scale_codes"].view(torch.float8_e4m3fn).float()
+    assert codes.tolist() == [[2.0**-6, 0.171875], [2.0**-6, 448.0]]  # the empty tile gets the floor 2^-6
+    # the per-element path on the same tensor is a different blocking: 1x16 along K
+    assert nvfp4_block_stats(w)["scale_codes"].shape == (32, 2)
+    with pytest.raises(ValueError, match="2-D"):
+        nvfp4_block_stats(w[0], two_d=True)
+    with pytest.raises(ValueError, match="tensor scale"):
+        nvfp4_block_stats(w, two_d=True, per_tensor_scale=1.0)
+
+
+@pytest.mark.parametrize("p2", [True, False])
+def test_fp8_128x128_tiles_equal_1d_blocks_of_the_tiles_as_rows(p2):
+    # a 128x128 tile holds the same 16384 values as one 1 x 16384 block: same amax, same scale,
+    # same quantized values, so the statistics must agree (an independent path through the 1-D code)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 384, generator=g) * torch.logspace(-3, 2, 384)  # columns over 5 decades
+    w[128:, 256:] = 0.0  # one empty tile
+    w[0, 0] = float("nan")  # one non-finite tile
+    two = fp8_block_stats(w, block_size=128, two_d=True, power_2_scales=p2)
+    rows = w.view(2, 128, 3, 128).permute(0, 2, 1, 3).reshape(6, 128 * 128)
+    one = fp8_block_stats(rows, block_size=128 * 128, power_2_scales=p2)
+    for k in (
+        "saturated_frac",
+        "zero_block_frac",
+        "rule_sensitive_frac",
+        "dyn_range_log2",
+        "nonfinite_block_frac",
+    ):
+        assert float(two[k]) == float(one[k]), k
+    assert float(two["nonfinite_block_frac"]) == pytest.approx(1 / 6)
+    assert two["scales"].shape == (2, 3)
+    assert torch.equal(two["scales"].flatten(), one["scales"].flatten())
+    assert float(two["rule_sensitive_frac"]) > 0  # exact vs power-of-two scales differ somewhere
+    sums_two = fp8_block_sums(w, block_size=128, two_d=True, power_2_scales=p2)
+    sums_one = fp8_block_sums(rows, block_size=128 * 128, power_2_scales=p2)
+    assert torch.equal(sums_two["scale_hist"], sums_one["scale_hist"])
+
+
+def test_fp8_tiles_pad_the_edges():
+    w = torch.ones(130, 100)  # 2 x 1 tiles of 128, the second holds 2 rows
+    st = fp8_block_stats(w, block_size=128, two_d=True)
+    assert st["scales"].shape == (2, 1)
+    assert float(st["zero_block_frac"]) == 0.0 and float(st["dyn_range_log2"]) == 0.0

@@ -160,3 +160,26 @@ def test_stochastic_rounding_probe_leaves_training_generator_alone():
         {k.split("/")[-1]: v for k, v in runs[0].items() if k.startswith("gemm/wgrad/")}
     )
     assert 0 < float(e["sqnr_db"]) < float(db_from_sums(torch.tensor(1.0), torch.tensor(1e-9)))
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "fp8_block"])
+def test_2d_weight_tiles_get_block_statistics(name):
+    """Under ``weight_2d_blocks`` (the nvfp4 and fp8_block presets) W has square-tile scales:
+    ``weight`` and ``weight_dgrad`` are the same tiles, so they log equal values, and they are
+    the tile statistics of ``recipes.blockstats`` on W."""
+    from recipes.blockstats import block_stats_from_sums, fp8_block_sums, nvfp4_block_sums
+
+    _, rec, layer = converted(name)
+    assert rec.cfg.weight_2d_blocks
+    probe = probe_for(layer)
+    x, dy = operands()
+    w = layer.weight.detach().float()
+    out = probe.finish({**probe.forward_sums(x, w, gemm=False, scales=True),
+                        **probe.backward_sums(dy, x, w, gemm=False, scales=True)}, world_size=1)  # fmt: skip
+    want = block_stats_from_sums(nvfp4_block_sums(w, two_d=True) if name == "nvfp4" else
+                                 fp8_block_sums(w, block_size=128, two_d=True))  # fmt: skip
+    for k, v in want.items():
+        assert float(out[f"scales/weight/{k}"]) == float(v), k
+        assert float(out[f"scales/weight_dgrad/{k}"]) == float(v), k
+    tiles = 384 * 128 // (16 * 16 if name == "nvfp4" else 128 * 128)
+    assert sum(out["scales/weight/log2_scale_hist"]["values"]) == tiles

@@ -34,6 +34,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from train.sweep_index import run_state
+
 ROOT = Path(__file__).resolve().parents[1]
 INDUCERS = {"none": None, "lr": "debug.lr_boost_at_step", "outlier": "debug.inject_outlier_at_step"}
 BASE = ["stats.every=2", "trainer.log_every=1", "stats.families=[act,update,opt]", "logger=none",
@@ -46,7 +48,7 @@ def run_one(
     """One run (read back when ``out`` already holds it completed): its rows and its summary."""
     run_dir = out / f"{inducer}_seed{seed}"
     done = run_dir / "summary.json"
-    if not (done.exists() and json.loads(done.read_text()).get("state") == "completed"):
+    if run_state(run_dir)[0] != "completed":
         argv = [*BASE, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"trainer.seed={seed}",
                 f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
         if INDUCERS[inducer]:

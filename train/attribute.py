@@ -41,6 +41,7 @@ from train.cli import config_error_exit, split_override, tool_args
 from train.review.attribution import GEMMS, SUBSETS, attribute, render, subset_name, to_json
 from train.review.series import read_series
 from train.review.verdict import seed_delta
+from train.sweep_index import run_state
 
 ROOT = Path(__file__).resolve().parents[1]
 #: overrides the tool sets itself (a user value would be silently replaced)
@@ -69,8 +70,7 @@ def effective(formats: dict[str, str | None]) -> set[str]:
 
 
 def completed(run_dir: Path) -> bool:
-    summary = run_dir / "summary.json"
-    return summary.exists() and json.loads(summary.read_text()).get("state") == "completed"
+    return run_state(run_dir)[0] == "completed"
 
 
 def _refuse(key: str, value: object, fix: str) -> None:

@@ -163,10 +163,10 @@ class Telemetry:
         if cur.capture:
             cur.grads = full_grads(engine, cur.capture)
         fams = self.cadence.stats.families
-        if cur.is_stat and "weight" in fams:
-            cur.weights = weight_metrics(engine, self.stat_layers, grads=cur.grads)
         if cur.is_stat and "update" in fams:
             cur.before = master_weights(engine, self.stat_layers)
+        if cur.is_stat and "weight" in fams:
+            cur.weights = weight_metrics(engine, self.stat_layers, grads=cur.grads, masters=cur.before)
         w = self.watch
         if w is not None and w.policy != "skip":
             w.fold()

@@ -61,9 +61,16 @@ COLLECTOR_FAMILIES = ("grad", "act", "shadow", "gemm", "scales")
 
 
 def _merge(acc: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``acc`` and ``new`` combined key by key (max for ``REDUCE_OPS`` max keys, else sum); a key in
+    only one of them is taken as it is (a probe's backward sums join its forward sums)."""
     if acc is None:
         return new
-    return {k: torch.maximum(acc[k], new[k]) if REDUCE_OPS.get(k) == "max" else acc[k] + new[k] for k in new}
+    both = {
+        k: torch.maximum(acc[k], v) if REDUCE_OPS.get(k) == "max" else acc[k] + v
+        for k, v in new.items()
+        if k in acc
+    }
+    return {**acc, **new, **both}
 
 
 class GradStatsCollector:
@@ -108,11 +115,6 @@ class GradStatsCollector:
         self._handles = []
         self._saved = {}
 
-    def _add(self, key: tuple[str, str], new: dict[str, torch.Tensor]) -> None:
-        acc = self._sums.setdefault(key, {})
-        for k, v in new.items():
-            acc[k] = acc[k] + v if k in acc else v
-
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0].detach()
@@ -124,14 +126,15 @@ class GradStatsCollector:
                 key = (name, f"act:{fmt}")
                 self._grad[key] = _merge(self._grad.get(key), tensor_sums(x, spec, axis=-1))
             if "act" in self.families:
-                self._add((name, "act"), kurtosis_sums(x))
+                self._sums[(name, "act")] = _merge(self._sums.get((name, "act")), kurtosis_sums(x))
             probe = self.probes.get(name)
             if probe is not None and (self._gemm or self._scales):
                 x32 = x.reshape(-1, x.shape[-1]).float()
                 weight = module.weight
                 assert isinstance(weight, torch.Tensor)
                 w32 = weight.detach().to(torch.float32, copy=True)  # ZeRO-3 frees the gathered W
-                self._add((name, "probe"), probe.forward_sums(x32, w32, gemm=self._gemm, scales=self._scales))
+                sums = probe.forward_sums(x32, w32, gemm=self._gemm, scales=self._scales)
+                self._sums[(name, "probe")] = _merge(self._sums.get((name, "probe")), sums)
                 self._saved[name] = (x32, w32)
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(self._grad_hook(name))
@@ -142,7 +145,7 @@ class GradStatsCollector:
         def hook(grad: torch.Tensor) -> None:
             g = grad.detach()
             probe = self.probes.get(name)
-            g32 = g.reshape(-1, g.shape[-1]).float()
+            g32 = g.reshape(-1, g.shape[-1]).float() if probe is not None else g
             if "grad" in self.families:
                 own = probe.grad_sums(g32) if probe is not None else None
                 sums = own if own is not None else tensor_sums(g, self.spec, axis=-1)
@@ -152,7 +155,7 @@ class GradStatsCollector:
             saved = self._saved.pop(name, None)
             if probe is not None and saved is not None:
                 sums = probe.backward_sums(g32, *saved, gemm=self._gemm, scales=self._scales)
-                self._add((name, "probe"), sums)
+                self._sums[(name, "probe")] = _merge(self._sums.get((name, "probe")), sums)
 
         return hook
 
@@ -231,11 +234,16 @@ class GradStatsCollector:
 
 
 def weight_metrics(
-    engine: Any, layers: list[str], *, grads: dict[str, torch.Tensor] | None = None
+    engine: Any,
+    layers: list[str],
+    *,
+    grads: dict[str, torch.Tensor] | None = None,
+    masters: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """``grad/<layer>/weight_norm`` (reduced gradient, before the step) and ``weight/<layer>/absmax``
     (FP32 master). Works under every ZeRO stage; call on all ranks at the accumulation boundary.
-    ``grads``: full gradients by parameter name already gathered this step (not fetched again)."""
+    ``grads``: full gradients by parameter name, ``masters``: full FP32 masters by layer
+    (:func:`master_weights`), already gathered this step (not fetched again)."""
     from deepspeed.utils import safe_get_full_grad
 
     params = dict(engine.module.named_parameters())
@@ -247,7 +255,8 @@ def weight_metrics(
         g = grads[f"{layer}.weight"] if grads and f"{layer}.weight" in grads else safe_get_full_grad(p)
         if g is not None:
             vals[f"grad/{layer}/weight_norm"] = torch.linalg.vector_norm(g.float())
-        vals[f"weight/{layer}/absmax"] = full_master(engine, p).float().abs().amax()
+        w = masters[layer] if masters and layer in masters else full_master(engine, p)
+        vals[f"weight/{layer}/absmax"] = w.float().abs().amax()
     if not vals:
         return {}
     return dict(zip(vals, torch.stack(list(vals.values())).tolist()))

@@ -117,6 +117,11 @@ class Recipe:
         meta device at validation time, so no memory or compute is spent)."""
         return None
 
+    def check_tokens(self, tokens: int) -> None:
+        """Raise ConfigError if this recipe cannot train on micro-batches of ``tokens`` tokens
+        (``trainer.micro_batch_size x model.seq_len``: the wgrad GEMM's reduction dim)."""
+        return None
+
     def convert(self, model: nn.Module) -> ConversionReport:
         self.report = ConversionReport(kept=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
         return self.report

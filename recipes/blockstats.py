@@ -38,13 +38,14 @@ Block statistics (:func:`mx_block_stats`, :func:`nvfp4_block_stats`, :func:`fp8_
       power of two, so the literal test fires on FP32 ulps (``amax *
       fp32(448/amax)`` lands one ulp above 448 for ~10% of random amaxes) that change
       no value; there a block counts when its scaled amax ``v`` (the FP32
-      product the quantizer forms: ``amax * ((1/s_t)/s_b)`` resp. ``amax *
+      product the quantizer forms: ``amax * factor(s_b)`` resp. ``amax *
       scale``) would round past ``max`` were it not clamped: ``v > max + u/2``,
       ``u`` the spacing below max, ``>=`` when max's grid index is odd (RNE goes
       up): E2M1 ``v >= 7``, E4M3 ``v > 464``, E5M2 ``v >= 61440``. That is 0 by
       construction for NVFP4's computed tensor scale (``v <= 6.4``) and FP8's
       per-block scales; a fixed ``per_tensor_scale`` too small for the data
-      raises NVFP4 block scales into the 448 clamp and saturates.
+      raises NVFP4 block scales into the 448 clamp and saturates. An NVFP4 block whose
+      E4M3 scale rounds to zero (TE's order has no lower clamp) is flushed, not saturated.
     * ``zero_block_frac``: live blocks whose quantized values (of ``scale_rule``
       / the quantizer's default) are all zero (+0 or -0).
     * ``rule_sensitive_frac``: live blocks where at least one dequantized value
@@ -52,8 +53,9 @@ Block statistics (:func:`mx_block_stats`, :func:`nvfp4_block_stats`, :func:`fp8_
       different scale with the same values does not count):
       MX ``floor`` vs ``rceil`` (whatever ``scale_rule`` is), both through
       ``quantize_mx``. NVFP4: the quantizer's E4M3 block scale
-      ``s_b = e4m3_rne(s)``, ``s = clamp((amax/6)/s_t, 2^-6, 448)`` (float32),
-      vs ``s_up`` = the smallest E4M3 value ``>= s`` (``s_b``, or the next E4M3
+      ``s_b = e4m3_rne(s)``, ``s`` the unrounded float32 block scale of the quantizer's
+      order (``recipes.mx.nvfp4``: TE's ``amax * (S_enc * fp32(1/6))`` capped at 448, or
+      torchao's clamped ``(amax/6)/s_t``), vs ``s_up`` = the smallest E4M3 value ``>= s`` (``s_b``, or the next E4M3
       code when ``s_b < s``), both through ``quantize_nvfp4``'s own scale and
       element steps (``recipes.mx.nvfp4.nvfp4_block_scales``, ``nvfp4_blocks``). FP8: power-of-two
       (rounded down, TE's default) vs exact FP32 scales, both through
@@ -98,15 +100,10 @@ from recipes.fp8.formats import FLT_MAX, FP8Format
 from recipes.mx import FORMATS as MX_FORMATS
 from recipes.mx import ElemFormat, quantize_mx, quantize_nvfp4
 from recipes.mx import get_format as get_mx_format
+from recipes.mx import nvfp4 as nv
 from recipes.mx.core import block_amax, block_layout, block_scales, shared_exponent, to_blocks
 from recipes.mx.formats import E8M0_BIAS, E8M0_NAN, check_scale_rule
-from recipes.mx.nvfp4 import (
-    NVFP4_BLOCK_SIZE,
-    nvfp4_block_scales,
-    nvfp4_blocks,
-    nvfp4_tensor_scale,
-    quantize_nvfp4_2d,
-)
+from recipes.mx.nvfp4 import NVFP4_BLOCK_SIZE, quantize_nvfp4_2d
 from recipes.numerics import as_fp32, fraction, overflow_bound, overflows
 
 __all__ = [
@@ -127,7 +124,6 @@ __all__ = [
 _FP4 = MX_FORMATS["fp4_e2m1"]
 _E4M3_DTYPE = torch.float8_e4m3fn
 _E4M3_MAX = 448.0
-_E4M3_MIN_NORMAL = 2.0**-6
 _E4M3_NAN_CODE = 0x7F
 #: E8M0's NaN byte as an unbiased exponent (0xFF - 127)
 _SE_NAN = E8M0_NAN - E8M0_BIAS
@@ -276,7 +272,7 @@ def _rounds_past_max(v: torch.Tensor, max_value: float, mbits: int) -> torch.Ten
 
 
 def _e4m3_round_up(s: torch.Tensor) -> torch.Tensor:
-    """Smallest E4M3 value ``>= s`` for float32 ``s`` in [2^-6, 448] (NaN stays NaN)."""
+    """Smallest E4M3 value ``>= s`` for float32 ``s`` in [0, 448], subnormals included (NaN stays NaN)."""
     near = s.to(_E4M3_DTYPE)
     code = near.view(torch.uint8) + (near.float() < s).to(torch.uint8)  # next positive code up
     return code.view(_E4M3_DTYPE).float()
@@ -288,6 +284,7 @@ def nvfp4_block_stats(
     axis: int = -1,
     per_tensor_scale: float | torch.Tensor | None = None,
     two_d: bool = False,
+    order: str = "te",
 ) -> dict[str, torch.Tensor]:
     """Block-scale statistics of ``x`` as NVFP4 (16-element blocks, E4M3 block + FP32 tensor scale).
 
@@ -296,9 +293,9 @@ def nvfp4_block_stats(
     ``tensor_scale`` instead of ``scale_exponents``. ``per_tensor_scale`` is
     passed to ``quantize_nvfp4``. ``two_d``: 16 x 16 tiles of a 2-D ``x``
     (``quantize_nvfp4_2d``, TE's NVFP4 weights; ``axis`` is ignored, ``scale_codes``
-    is the tile grid).
+    is the tile grid). ``order``: the scale arithmetic (``recipes.mx.nvfp4``).
     """
-    counts, extra = _nvfp4(x, axis=axis, per_tensor_scale=per_tensor_scale, two_d=two_d)
+    counts, extra = _nvfp4(x, axis=axis, per_tensor_scale=per_tensor_scale, two_d=two_d, order=order)
     return {**block_stats_from_sums(counts), **extra}
 
 
@@ -308,41 +305,45 @@ def nvfp4_block_sums(
     axis: int = -1,
     per_tensor_scale: float | torch.Tensor | None = None,
     two_d: bool = False,
+    order: str = "te",
 ) -> dict[str, torch.Tensor]:
     """The additive counts behind :func:`nvfp4_block_stats`, ``scale_hist`` on :data:`NVFP4_GRID`."""
-    return _nvfp4(x, axis=axis, per_tensor_scale=per_tensor_scale, two_d=two_d)[0]
+    return _nvfp4(x, axis=axis, per_tensor_scale=per_tensor_scale, two_d=two_d, order=order)[0]
 
 
 def _nvfp4(
-    x: torch.Tensor, *, axis: int, per_tensor_scale: float | torch.Tensor | None, two_d: bool
+    x: torch.Tensor, *, axis: int, per_tensor_scale: float | torch.Tensor | None, two_d: bool, order: str
 ) -> tuple[dict, dict]:
     x32 = as_fp32(x)
     if two_d:
         if per_tensor_scale is not None:
             raise ValueError("2-D NVFP4 tiles take their tensor scale from the tensor (quantize_nvfp4_2d)")
         xb, scale_shape = _tiles(x32, NVFP4_BLOCK_SIZE)
-        q_reported = _tiles(quantize_nvfp4_2d(x32), NVFP4_BLOCK_SIZE)[0]
+        q_reported = _tiles(quantize_nvfp4_2d(x32, order=order), NVFP4_BLOCK_SIZE)[0]
     else:
         layout = block_layout(x32.shape, block_size=NVFP4_BLOCK_SIZE, axis=axis)
         xb, scale_shape = to_blocks(x32, layout), layout.scale_shape
-        q_reported = to_blocks(quantize_nvfp4(x32, axis=axis, per_tensor_scale=per_tensor_scale), layout)
+        q_reported = to_blocks(
+            quantize_nvfp4(x32, axis=axis, per_tensor_scale=per_tensor_scale, order=order), layout
+        )
     amax_b = block_amax(xb)
     finite = torch.isfinite(amax_b)
     if per_tensor_scale is not None:
-        s_t = torch.as_tensor(per_tensor_scale, dtype=torch.float32, device=x32.device)
+        ts = nv.fixed_tensor_scale(per_tensor_scale, order=order, device=x32.device)
     elif amax_b.numel():
-        s_t = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax())
+        ts = nv.nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax(), order=order)
     else:
-        s_t = nvfp4_tensor_scale(torch.zeros((), device=x32.device))
-    s = ((amax_b / _FP4.max_norm) / s_t).clamp_(_E4M3_MIN_NORMAL, _E4M3_MAX)  # before E4M3 rounding
-    s_b = nvfp4_block_scales(amax_b, s_t)
+        ts = nv.nvfp4_tensor_scale(torch.zeros((), device=x32.device), order=order)
+    s_b = nv.nvfp4_block_scales(amax_b, ts)
     q_near = q_reported
-    q_up = nvfp4_blocks(xb, s_t, _e4m3_round_up(s), finite)
-    saturated = _rounds_past_max(amax_b * ((1.0 / s_t) / s_b), _FP4.max_norm, _FP4.mbits).squeeze(2)
+    q_up = nv.nvfp4_blocks(xb, ts, _e4m3_round_up(nv.nvfp4_unrounded_block_scales(amax_b, ts)), finite)
+    # a zero block scale (TE's order) makes the factor FLT_MAX: that block is flushed, not saturated
+    v_max = amax_b * nv.nvfp4_element_factor(s_b, ts)
+    saturated = (_rounds_past_max(v_max, _FP4.max_norm, _FP4.mbits) & (s_b > 0)).squeeze(2)
     counts = _block_counts(xb, q_near, q_near, q_up, ~finite.squeeze(2), saturated,
                            torch.log2(s_b).squeeze(2), NVFP4_GRID)  # fmt: skip
     codes = s_b.to(_E4M3_DTYPE).view(torch.uint8).masked_fill(~finite, _E4M3_NAN_CODE)
-    return counts, {"scale_codes": codes.reshape(scale_shape), "tensor_scale": s_t.reshape(()).float()}
+    return counts, {"scale_codes": codes.reshape(scale_shape), "tensor_scale": ts.dec.reshape(()).float()}
 
 
 def fp8_block_stats(

@@ -98,6 +98,9 @@ class RecipeConfig:
     dgrad copies: NVFP4 16x16, FP8 block 128x128. Not for MX."""
     wgrad_hadamard: bool = False
     """NVFP4: random 16x16 Hadamard transform of both wgrad operands along tokens."""
+    nvfp4_scale_order: str = "te"
+    """NVFP4's FP32 scale arithmetic: te (Transformer Engine's order) | torchao (torchao's
+    ``nvfp4_quantize``); they differ by an ulp in the element factor (``recipes.mx.nvfp4``)."""
     # ---- FP8 scaling (quantizer fp8_*), TE's names
     fp8_format: str = "HYBRID"
     """E4M3 for all roles, or HYBRID (E4M3 forward, E5M2 for dY)."""

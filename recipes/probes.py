@@ -109,7 +109,7 @@ def _block_sums(
         kw = dict(fmt=role.fmt, block_size=role.block_size, scale_rule=role.scale_rule)
         return mx_block_sums(x32, axis=axis, **kw), MX_GRID, True  # type: ignore[arg-type]
     if isinstance(role, NVFP4Role):
-        return nvfp4_block_sums(x32, axis=axis, two_d=role.two_d), NVFP4_GRID, False
+        return nvfp4_block_sums(x32, axis=axis, two_d=role.two_d, order=role.order), NVFP4_GRID, False
     if isinstance(role, FP8BlockRole):
         kw = dict(fmt=role.fmt, block_size=role.block_size, power_2_scales=role.power_2_scales,
                   amax_epsilon=role.amax_epsilon, two_d=role.two_d)  # fmt: skip

@@ -46,9 +46,11 @@ Scale granularity and rule, per ``recipe.quantizer``:
   format's max, subnormals kept, a block with NaN/Inf becomes all NaN
   (``recipes.mx.quantize``).
 * ``nvfp4``: FP4 E2M1 in 16-element blocks with E4M3 block scales and an FP32
-  tensor scale; ``weight_2d_blocks`` gives TE's 16x16 weight tiles;
+  tensor scale, in TE's order of the scale arithmetic (``nvfp4_scale_order: torchao``
+  for torchao's); ``weight_2d_blocks`` gives TE's 16x16 weight tiles;
   ``grad_rounding: stochastic`` is TE's SR on gradients; ``wgrad_hadamard``
-  applies TE's random 16x16 Hadamard transform to both wgrad operands.
+  applies TE's random 16x16 Hadamard transform (its fixed sign vector) to both wgrad
+  operands, refusing a micro-batch whose token count is not a multiple of 16 (as TE).
 * ``fp8_current``: one FP32 scale per tensor ``fp8_max / amax`` of the tensor
   itself (TE ``Float8CurrentScaling``).
 * ``fp8_delayed``: one FP32 scale per tensor from the max of an
@@ -90,7 +92,7 @@ from recipes.config import ELEMENT_GEMM_FAMILY, SAME, RecipeConfig, resolve_same
 from recipes.filter import FilterDecision, num_blocks, select_modules
 from recipes.fp8 import DelayedScaling, DelayedScalingState
 from recipes.fp8.gemm import check_dims
-from recipes.mx.nvfp4 import hadamard_tokens
+from recipes.mx.nvfp4 import HADAMARD_SIZE, hadamard_tokens
 from recipes.numerics import FormatSpec, get_spec, mx_format_name
 from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear
 from recipes.quantized_checks import (
@@ -152,6 +154,12 @@ class QuantizedRecipe(Recipe):
     @property
     def compile(self) -> bool:
         return resolve_compile(self.cfg.compile, self.device)
+
+    def check_tokens(self, tokens: int) -> None:
+        if self.cfg.wgrad_hadamard and tokens % HADAMARD_SIZE:
+            raise config_error("wgrad_hadamard", True, f"the {HADAMARD_SIZE}x{HADAMARD_SIZE} transform runs "
+                               f"over tokens, {tokens} per micro-batch here (trainer.micro_batch_size x "
+                               f"model.seq_len): make it a multiple of {HADAMARD_SIZE}, as TE requires")  # fmt: skip
 
     def check(self, model: nn.Module) -> None:
         """Settings, then block size vs every converted layer's reduction dims."""

@@ -17,6 +17,7 @@ from recipes.config import OPERAND_FIELDS, ROLE_FORMAT_FIELDS, RecipeConfig, res
 from recipes.errors import ConfigError
 from recipes.fp8 import format_for_role
 from recipes.mx import FORMATS, ROUNDINGS, SCALE_RULES
+from recipes.mx.nvfp4 import NVFP4_ORDERS
 from recipes.quantizers import QUANTIZER_KINDS, QuantizerKind
 
 __all__ = ["check_recipe_config", "config_error", "quantizer_kind", "resolve_compile", "role_formats"]
@@ -129,6 +130,13 @@ def _check_numbers(cfg: RecipeConfig, kind: QuantizerKind) -> None:
         raise config_error(
             "weight_2d_blocks", True, f"2-D weight tiles exist for quantizer {_kinds_with('tiles')} only"
         )
+    if cfg.nvfp4_scale_order not in NVFP4_ORDERS:
+        raise config_error(
+            "nvfp4_scale_order", cfg.nvfp4_scale_order, f"use one of {', '.join(NVFP4_ORDERS)}"
+        )
+    if cfg.nvfp4_scale_order != "te" and kind.family != "nvfp4":
+        raise config_error("nvfp4_scale_order", cfg.nvfp4_scale_order,
+                           f"only NVFP4 has two scale orders; quantizer {cfg.quantizer} would ignore it")  # fmt: skip
     if cfg.wgrad_hadamard and not kind.hadamard:
         raise config_error(
             "wgrad_hadamard",

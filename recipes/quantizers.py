@@ -13,7 +13,7 @@ class              scale granularity and rule                                   
                    ``scale_rule``; ``rounding``; saturating; NaN/Inf block ->
                    NaN block (``recipes.mx.quantize``)
 ``NVFP4Role``      16 along ``axis`` (or 16x16 weight tiles), E4M3 block scale    2-D only
-                   + FP32 tensor scale (``recipes.mx.nvfp4``)
+                   + FP32 tensor scale, TE's or torchao's order (``recipes.mx.nvfp4``)
 ``FP8CurrentRole`` one FP32 scale per tensor from its own amax (TE                yes
                    ``Float8CurrentScaling``)
 ``FP8DelayedRole`` one FP32 scale per tensor from the amax history of earlier    yes
@@ -27,16 +27,14 @@ class              scale granularity and rule                                   
 Per-tensor and rowwise FP8 roles also ``cast(x32, axis=...) -> Operand``: the float8 codes and
 FP32 ``1/scale`` a scaled matmul takes (``recipes.scaled_linear``), from the same scale functions.
 
-"axis-free" quantizers give the same result whatever ``axis`` is, so a caller
-may quantize once and use the result in two GEMMs. Stochastic rounding draws
-from an :class:`SRGenerator` owned by the recipe (seeded, per device), so runs
-are reproducible. The pure parts run under ``torch.compile`` with
-``compile=True`` (``recipes.compiling``; same bits).
+"axis-free" quantizers give the same result whatever ``axis`` is, so a caller may quantize once
+and use the result in two GEMMs. Stochastic rounding draws from an :class:`SRGenerator` owned by
+the recipe (seeded, per device), so runs are reproducible. The pure parts run under
+``torch.compile`` with ``compile=True`` (``recipes.compiling``; same bits).
 
-:data:`QUANTIZER_KINDS` maps each ``recipe.quantizer`` kind of the quantized
-recipe to the factory of its role class and the facts its checks need. A new
-quantizer kind is a role class here plus one entry in that table: the recipe
-registers every kind of the table.
+:data:`QUANTIZER_KINDS` maps each ``recipe.quantizer`` kind of the quantized recipe to the factory
+of its role class and the facts its checks need. A new quantizer kind is a role class here plus
+one entry in that table: the recipe registers every kind of the table.
 """
 
 from __future__ import annotations
@@ -144,16 +142,8 @@ class MXRole(RoleQuantizer):
 
     def __call__(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
         gen = self.sr.get(x.device) if self.rounding == "stochastic" and self.sr is not None else None
-        return quantize_mx(
-            x,
-            self.fmt,
-            block_size=self.block_size,
-            axis=axis,
-            rounding=self.rounding,
-            scale_rule=self.scale_rule,
-            generator=gen,
-            compile=self.compile,
-        )
+        return quantize_mx(x, self.fmt, block_size=self.block_size, axis=axis, rounding=self.rounding,
+                           scale_rule=self.scale_rule, generator=gen, compile=self.compile)  # fmt: skip
 
     def describe(self) -> str:
         return f"mx {self.fmt} 1x{self.block_size} scale={self.scale_rule} {self.rounding}"
@@ -165,22 +155,24 @@ class NVFP4Role(RoleQuantizer):
     two_d: bool = False
     sr: SRGenerator | None = None
     compile: bool = False
+    order: str = "te"
 
     def __post_init__(self) -> None:
         self.axis_free = self.two_d
         self.pure = self.rounding != "stochastic"
 
     def __call__(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
+        kw = dict(rounding=self.rounding, order=self.order)
         if self.two_d:
-            return call_quantizer(quantize_nvfp4_2d, self.compile, x, rounding=self.rounding)
+            return call_quantizer(quantize_nvfp4_2d, self.compile, x, **kw)
         if self.rounding == "stochastic":  # the noise generator stays eager
             gen = self.sr.get(x.device) if self.sr is not None else None
-            return quantize_nvfp4(x, axis=axis, rounding=self.rounding, generator=gen)
-        return call_quantizer(quantize_nvfp4, self.compile, x, axis=axis, rounding=self.rounding)
+            return quantize_nvfp4(x, axis=axis, generator=gen, **kw)  # type: ignore[arg-type]
+        return call_quantizer(quantize_nvfp4, self.compile, x, axis=axis, **kw)
 
     def describe(self) -> str:
         tiles = "16x16" if self.two_d else "1x16"
-        return f"nvfp4 fp4_e2m1 {tiles} e4m3 scales + fp32 tensor scale, {self.rounding}"
+        return f"nvfp4 fp4_e2m1 {tiles} e4m3 scales + fp32 tensor scale ({self.order} order), {self.rounding}"
 
 
 @dataclass(eq=False)
@@ -373,7 +365,9 @@ QUANTIZER_KINDS: dict[str, QuantizerKind] = {
         blocked=True,
     ),
     "nvfp4": QuantizerKind(
-        lambda r: NVFP4Role(r.rounding, two_d=r.two_d, sr=r.sr, compile=r.compile),
+        lambda r: NVFP4Role(
+            r.rounding, two_d=r.two_d, sr=r.sr, compile=r.compile, order=r.cfg.nvfp4_scale_order
+        ),
         family="nvfp4",
         blocked=True,
         block_size=16,

@@ -97,6 +97,13 @@ CASES = [
          "{tmp}/nope.yaml", "cannot read it as YAML"),
     Case("stats_inspect_numerics_feature", ["stats.inspect_config={tmp}/disable.yaml"], None,
          "stats.inspect_config", "{tmp}/disable.yaml (section.DisableFP8GEMM)", "changes numerics"),
+    Case("hadamard_tokens", ["+recipe=nvfp4", "model.seq_len=100", "trainer.micro_batch_size=1",
+                             "trainer.global_batch_size=1"], None,
+         "recipe.wgrad_hadamard", "True", "100 per micro-batch"),
+    Case("nvfp4_order_unknown", ["+recipe=nvfp4", "recipe.nvfp4_scale_order=ieee"], None,
+         "recipe.nvfp4_scale_order", "ieee", "use one of te, torchao"),
+    Case("nvfp4_order_on_mx", ["+recipe=mxfp8_e4m3", "recipe.nvfp4_scale_order=torchao"], None,
+         "recipe.nvfp4_scale_order", "torchao", "only NVFP4 has two scale orders"),
 ]  # fmt: skip
 
 

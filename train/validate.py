@@ -56,6 +56,7 @@ def check_recipe_on_model(cfg: RunConfig, *, device: str, micro_batch_size: int)
     with torch.device("meta"):
         model = GPT(cfg.model.resolve(nominal_vocab_size(cfg.data)))
     recipe.check(model)
+    recipe.check_tokens(micro_batch_size * cfg.model.seq_len)
     layer = cfg.debug.inject_layer
     d = cfg.debug
     if (d.inject_nonfinite_at_step or d.inject_outlier_at_step) and layer not in dict(model.named_modules()):

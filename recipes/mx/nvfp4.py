@@ -1,42 +1,57 @@
 """NVFP4 fake quantization: FP4 E2M1 elements, 16-element blocks, E4M3 block scales, FP32 tensor scale.
 
-Numerics (NVIDIA / Transformer Engine two-level recipe, arithmetic in the
-order torchao's ``nvfp4_quantize`` uses, which it takes from NVIDIA's kernels):
+Numerics (NVIDIA's two-level recipe). Two orders of the FP32 scale arithmetic are implemented;
+they differ by one ulp in the per-element factor, which flips an element that lands on an E2M1
+rounding midpoint (about 0.2 % of elements of BF16 normal inputs):
 
-* Per-tensor scale ``s_t = amax_tensor / (6 * 448)`` (float32), where
-  ``amax_tensor`` is the max of the *finite* block amaxes, unless
-  ``per_tensor_scale`` is given. If ``s_t`` is 0 (all-zero tensor) or ``1/s_t``
-  overflows float32, ``s_t = 1``.
+``order="te"`` (the default; Transformer Engine's ``NVFP4BlockScaling`` kernels and its
+pure-PyTorch reference quantizer ``NVFP4QuantizerRef._quantize_blockwise_reference``):
+
+* Global encode scale ``S_enc = min(2688 / amax_t, FLT_MAX)`` (2688 = 6 x 448, float32), where
+  ``amax_t`` is the max of the *finite* block amaxes; ``S_enc = 1`` where it is 0. An all-zero or
+  tiny tensor is therefore quantized normally (``S_enc`` capped at FLT_MAX), never flushed.
 * Block scale (16 elements along ``axis``, last block zero-padded):
-  ``s_b = e4m3(clamp((amax_block / 6) / s_t, 2^-6, 448))``, the cast rounding
-  to nearest-even. With the computed ``s_t`` the block holding the tensor's
-  amax gets ``s_b`` ~ 448. The lower clamp at E4M3's smallest normal is
-  torchao's: an all-zero (or relatively tiny) block gets ``s_b = 2^-6`` instead
-  of a zero scale (its elements then round to 0 or near it).
-* Elements: ``v = x * ((1 / s_t) / s_b)``, saturated to +-6 and rounded onto
-  the E2M1 grid {0, 0.5, 1, 1.5, 2, 3, 4, 6} with ``rounding`` (same modes as
-  ``quantize_mx``); output ``w * (s_t * s_b)``. Both products are float32
-  roundings (``s_t`` is not a power of two), exactly as torchao computes them.
-* A block holding NaN or +-Inf dequantizes to all NaN (it is left out of
-  ``amax_tensor``).
+  ``s_b = e4m3(min(min(amax_b * (S_enc * fp32(1/6)), FLT_MAX), 448))``, the cast rounding to
+  nearest-even. No lower clamp: a block scale may be an E4M3 subnormal, or zero (a block far
+  below the tensor's amax).
+* Per-element encode factor ``min(1 / (s_b * (1 / S_enc)), FLT_MAX)``, in that order (a zero
+  block scale gives FLT_MAX; its elements then dequantize to 0).
+* Output ``w * (s_t * s_b)`` with the decode scale ``s_t = amax_t / 2688``: TE's GEMM applies
+  ``alpha = amax_a * amax_b / (6 * 6 * 448 * 448)``, i.e. ``amax / 2688`` per operand.
 
-2-D weight tiles (:func:`quantize_nvfp4_2d`, TE's NVFP4 weights): the same
-arithmetic with the block amax taken over a 16 x 16 tile of a 2-D tensor, so
-one quantized copy serves the forward (K-blocked) and the dgrad (N-blocked)
-GEMM; padded tiles are zero-filled.
+``order="torchao"`` (torchao's ``nvfp4_quantize``, kept for comparisons with torchao):
 
-Random Hadamard transform (:func:`hadamard_tokens`, TE's wgrad RHT): each
-group of 16 consecutive rows (tokens) of a ``[M, C]`` operand is multiplied by
-``H diag(s) / 4``, ``H`` the 16 x 16 Sylvester Hadamard matrix and ``s`` a
-fixed random sign vector (seed ``RHT_SEED``), in float32. Rows are zero-padded
-to a multiple of 16 and the padding is kept. Applied to both wgrad operands it
-leaves ``g^T x`` unchanged in real arithmetic (``H`` is orthogonal); only the
-quantization sees rotated, outlier-spread values.
+* ``s_t = amax_t / 2688``; if ``s_t`` is 0 or ``1 / s_t`` overflows, ``s_t = 1`` (every block of
+  such a tensor then underflows to zero).
+* ``s_b = e4m3(clamp((amax_b / 6) / s_t, 2^-6, 448))``: torchao clamps block scales below at
+  E4M3's smallest normal.
+* Factor ``(1 / s_t) / s_b``; output ``w * (s_t * s_b)``.
+
+Both: elements ``v = x * factor`` saturate to +-6 and round onto the E2M1 grid
+{0, 0.5, 1, 1.5, 2, 3, 4, 6} with ``rounding`` (same modes as ``quantize_mx``); every product is
+a float32 rounding. A block holding NaN or +-Inf dequantizes to all NaN (it is left out of
+``amax_t``). ``per_tensor_scale`` fixes ``s_t`` (TE order: ``S_enc = min(1 / s_t, FLT_MAX)``).
+
+2-D weight tiles (:func:`quantize_nvfp4_2d`, TE's NVFP4 weights): the same arithmetic with the
+block amax taken over a 16 x 16 tile of a 2-D tensor, so one quantized copy serves the forward
+(K-blocked) and the dgrad (N-blocked) GEMM; padded tiles are zero-filled.
+
+Random Hadamard transform (:func:`hadamard_tokens`, TE's wgrad RHT): each group of 16
+consecutive rows (tokens) of a ``[M, C]`` operand is multiplied by ``H diag(s) / 4``, ``H`` the
+16 x 16 Sylvester Hadamard matrix and ``s`` TE's fixed wgrad sign vector
+(:data:`TE_WGRAD_SIGNS`, TE's ``get_wgrad_sign_vector``), in float32. TE applies
+``x_blocks @ (diag(s) H) / 4`` to the transposed operand, i.e. the same map on each column
+vector of 16 tokens. ``M`` must be a multiple of 16, as TE requires (``ValueError`` otherwise;
+the recipe refuses such a batch before start-up). Applied to both wgrad operands it leaves
+``g^T x`` unchanged in real arithmetic (``H`` is orthogonal); only the quantization sees
+rotated, outlier-spread values. Not reproduced: TE's reference runs the transform in the
+operand's dtype (BF16), its fused kernel in FP32 before quantizing; lowbit uses FP32.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +63,12 @@ from recipes.mx.quantize import check_input, uniform_noise
 __all__ = [
     "HADAMARD_SIZE",
     "NVFP4_BLOCK_SIZE",
-    "RHT_SEED",
+    "NVFP4_ORDERS",
+    "TE_WGRAD_SIGNS",
+    "TensorScale",
     "hadamard_tokens",
+    "nvfp4_block_scales",
+    "nvfp4_blocks",
     "nvfp4_tensor_scale",
     "quantize_nvfp4",
     "quantize_nvfp4_2d",
@@ -58,19 +77,54 @@ __all__ = [
 ]
 
 NVFP4_BLOCK_SIZE = 16
-#: seed of TE-style random Hadamard sign vectors (fixed, as TE's)
-RHT_SEED = 0x5EED
 HADAMARD_SIZE = 16
+#: the orders of the scale arithmetic (module docstring)
+NVFP4_ORDERS = ("te", "torchao")
+#: TE's fixed sign vector of the wgrad random Hadamard transform (``get_wgrad_sign_vector``)
+TE_WGRAD_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 _FP4 = FORMATS["fp4_e2m1"]
 _E4M3_MAX = 448.0
 _E4M3_MIN_NORMAL = 2.0**-6
+_FLT_MAX = torch.finfo(torch.float32).max
+_ENC_RANGE = _FP4.max_norm * _E4M3_MAX  # 2688
+_RECIP_6 = float(torch.tensor(1.0 / _FP4.max_norm, dtype=torch.float32))  # fp32(1/6), as TE
 
 
-def nvfp4_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
-    """``amax / (6 * 448)`` in float32, or 1.0 where that is 0 or its reciprocal overflows."""
-    s = amax.to(torch.float32) / (_FP4.max_norm * _E4M3_MAX)
+class TensorScale(NamedTuple):
+    """The FP32 tensor-level scales of one NVFP4 tensor: ``dec`` (``s_t``) dequantizes, ``enc``
+    (TE's ``S_enc``; torchao order: ``1 / s_t``) encodes; ``order`` names the arithmetic."""
+
+    dec: torch.Tensor
+    enc: torch.Tensor
+    order: str
+
+
+def _check_order(order: str) -> None:
+    if order not in NVFP4_ORDERS:
+        raise ValueError(f"NVFP4 scale order must be one of {NVFP4_ORDERS}, got {order!r}")
+
+
+def nvfp4_tensor_scale(amax: torch.Tensor, *, order: str = "te") -> TensorScale:
+    """The tensor scales for a tensor whose finite amax is ``amax`` (module docstring)."""
+    _check_order(order)
+    amax = amax.to(torch.float32)
+    if order == "te":
+        # a tensor quotient: torch computes ``scalar / tensor`` as a reciprocal times the scalar
+        enc = torch.clamp(torch.full_like(amax, _ENC_RANGE) / amax, max=_FLT_MAX)
+        enc = torch.where(enc == 0, torch.ones_like(enc), enc)
+        return TensorScale(amax / _ENC_RANGE, enc, order)
+    s = amax / _ENC_RANGE
     ok = (s > 0) & torch.isfinite(1.0 / s)
-    return torch.where(ok, s, torch.ones_like(s))
+    s = torch.where(ok, s, torch.ones_like(s))
+    return TensorScale(s, 1.0 / s, order)
+
+
+def fixed_tensor_scale(s_t: float | torch.Tensor, *, order: str = "te", device=None) -> TensorScale:
+    """The tensor scales for a given decode scale ``s_t`` (``per_tensor_scale``)."""
+    _check_order(order)
+    s = torch.as_tensor(s_t, dtype=torch.float32, device=device)
+    enc = torch.clamp(1.0 / s, max=_FLT_MAX) if order == "te" else 1.0 / s
+    return TensorScale(s, enc, order)
 
 
 def quantize_nvfp4(
@@ -79,12 +133,14 @@ def quantize_nvfp4(
     axis: int = -1,
     rounding: str = "nearest_even",
     per_tensor_scale: float | torch.Tensor | None = None,
+    order: str = "te",
     generator: torch.Generator | None = None,
     seed: int | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` to NVFP4 (module docstring); returns ``x``'s shape and dtype."""
     check_input(x)
     check_rounding(rounding)
+    _check_order(order)
     layout = block_layout(x.shape, block_size=NVFP4_BLOCK_SIZE, axis=axis)
     if x.numel() == 0:
         return x.clone()
@@ -94,27 +150,42 @@ def quantize_nvfp4(
     amax_b = block_amax(xb)
     finite = torch.isfinite(amax_b)
     if per_tensor_scale is None:
-        s_t = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax())
+        ts = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax(), order=order)
     else:
-        s_t = torch.as_tensor(per_tensor_scale, dtype=torch.float32, device=x.device)
-    s_b = nvfp4_block_scales(amax_b, s_t)
+        ts = fixed_tensor_scale(per_tensor_scale, order=order, device=x.device)
+    s_b = nvfp4_block_scales(amax_b, ts)
     noise = None
     if rounding == "stochastic":
         noise = to_blocks(uniform_noise(x, generator=generator, seed=seed), layout)
-    y = nvfp4_blocks(xb, s_t, s_b, finite, rounding=rounding, noise=noise)
+    y = nvfp4_blocks(xb, ts, s_b, finite, rounding=rounding, noise=noise)
     return from_blocks(y, layout).to(x.dtype)
 
 
-def nvfp4_block_scales(amax_b: torch.Tensor, s_t: torch.Tensor) -> torch.Tensor:
-    """E4M3 block scales (as float32) of blocks with amax ``amax_b`` under tensor scale ``s_t``:
-    ``amax / 6 / s_t`` clamped to E4M3's normal range, rounded to the nearest E4M3 value."""
-    s_b = (amax_b / _FP4.max_norm) / s_t
-    return s_b.clamp_(_E4M3_MIN_NORMAL, _E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+def nvfp4_unrounded_block_scales(amax_b: torch.Tensor, ts: TensorScale) -> torch.Tensor:
+    """The block scales of blocks with amax ``amax_b`` before their E4M3 rounding (float32,
+    clamped as the order clamps them); ``recipes.blockstats`` rounds them the other way too."""
+    if ts.order == "te":
+        # abs: an all -0.0 block has amax -0.0 and its factor would be -inf (-inf * 0 = NaN)
+        return torch.clamp(amax_b.abs() * (ts.enc * _RECIP_6), max=_E4M3_MAX)  # min(.., FLT_MAX) implied
+    return ((amax_b / _FP4.max_norm) / ts.dec).clamp_(_E4M3_MIN_NORMAL, _E4M3_MAX)
+
+
+def nvfp4_block_scales(amax_b: torch.Tensor, ts: TensorScale) -> torch.Tensor:
+    """E4M3 block scales (as float32) of blocks with amax ``amax_b``: the unrounded scale rounded
+    to the nearest E4M3 value (nearest-even)."""
+    return nvfp4_unrounded_block_scales(amax_b, ts).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def nvfp4_element_factor(s_b: torch.Tensor, ts: TensorScale) -> torch.Tensor:
+    """The factor each element of a block with (E4M3-valued) scale ``s_b`` is multiplied by."""
+    if ts.order == "te":
+        return torch.clamp(1.0 / (s_b * (1.0 / ts.enc)), max=_FLT_MAX)
+    return ts.enc / s_b
 
 
 def nvfp4_blocks(
     xb: torch.Tensor,
-    s_t: torch.Tensor,
+    ts: TensorScale,
     s_b: torch.Tensor,
     finite: torch.Tensor,
     *,
@@ -124,25 +195,22 @@ def nvfp4_blocks(
     """Dequantized NVFP4 blocks of ``xb`` (float32, blocked) for given tensor and block scales;
     blocks where ``finite`` is False come out NaN. ``quantize_nvfp4``'s element step, public so
     that statistics can requantize under another block scale (``recipes.blockstats``)."""
-    v = xb * ((1.0 / s_t) / s_b).masked_fill_(~finite, math.nan)
+    v = xb * nvfp4_element_factor(s_b, ts).masked_fill_(~finite, math.nan)
     r, q = round_elements(v, fmt=_FP4, rounding=rounding, sign_of=xb, noise=noise)
-    return r.mul_(q).mul_((s_t * s_b).masked_fill_(~finite, math.nan))
+    return r.mul_(q).mul_((ts.dec * s_b).masked_fill_(~finite, math.nan))
 
 
 # ---------------------------------------------------------------------- 2-D weight tiles
 
 
 def quantize_nvfp4_2d(
-    w: torch.Tensor, *, tile: int = NVFP4_BLOCK_SIZE, rounding: str = "nearest_even"
+    w: torch.Tensor, *, tile: int = NVFP4_BLOCK_SIZE, rounding: str = "nearest_even", order: str = "te"
 ) -> torch.Tensor:
     """NVFP4 with ``tile`` x ``tile`` blocks over a 2-D tensor (TE's weight quantization).
 
-    The arithmetic of :func:`quantize_nvfp4` with the block amax
-    taken over a square tile: ``s_t = amax_tensor / (6*448)``,
-    ``s_b = e4m3(clamp((amax_tile / 6) / s_t, 2^-6, 448))``, elements
-    ``round(x * ((1/s_t)/s_b))`` on the E2M1 grid (saturating at 6), output
-    ``w * (s_t * s_b)``. The same values serve the forward (K-blocked) and the
-    dgrad (N-blocked) GEMM, which is why TE uses it. Padded tiles are zero-filled.
+    The arithmetic of :func:`quantize_nvfp4` (in ``order``) with the block amax taken over a
+    square tile. The same values serve the forward (K-blocked) and the dgrad (N-blocked) GEMM,
+    which is why TE uses it. Padded tiles are zero-filled.
     """
     if w.dim() != 2:
         raise ValueError(f"2-D NVFP4 tiles need a 2-D tensor, got shape {tuple(w.shape)}")
@@ -152,12 +220,8 @@ def quantize_nvfp4_2d(
     t = w32.view((n + pn) // tile, tile, (k + pk) // tile, tile)
     amax_b = torch.maximum(t.amax(dim=(1, 3), keepdim=True), t.amin(dim=(1, 3), keepdim=True).neg())
     finite = torch.isfinite(amax_b)
-    s_t = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax())
-    s_b = ((amax_b / _FP4.max_norm) / s_t).clamp_(_E4M3_MIN_NORMAL, _E4M3_MAX)
-    s_b = s_b.to(torch.float8_e4m3fn).to(torch.float32)
-    v = t * ((1.0 / s_t) / s_b).masked_fill_(~finite, math.nan)
-    r, q = round_elements(v, fmt=_FP4, rounding=rounding, sign_of=t, noise=None)
-    y = r.mul_(q).mul_((s_t * s_b).masked_fill_(~finite, math.nan))
+    ts = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax(), order=order)
+    y = nvfp4_blocks(t, ts, nvfp4_block_scales(amax_b, ts), finite, rounding=rounding)
     return y.view(n + pn, k + pk)[:n, :k].to(w.dtype)
 
 
@@ -176,11 +240,12 @@ _RHT_CACHE: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def random_hadamard(device: torch.device, n: int = HADAMARD_SIZE) -> torch.Tensor:
-    """Orthonormal ``H diag(s) / sqrt(n)`` with a fixed random sign vector ``s`` (seed ``RHT_SEED``)."""
+    """Orthonormal ``H diag(s) / sqrt(n)`` with TE's wgrad sign vector ``s`` (n = 16 only, as TE)."""
+    if n != HADAMARD_SIZE:
+        raise ValueError(f"the Hadamard transform is {HADAMARD_SIZE} x {HADAMARD_SIZE} (TE's), got n={n}")
     key = (device, n)
     if key not in _RHT_CACHE:
-        gen = torch.Generator().manual_seed(RHT_SEED)
-        signs = torch.randint(0, 2, (n,), generator=gen).float().mul_(2).sub_(1)
+        signs = torch.tensor(TE_WGRAD_SIGNS, dtype=torch.float32)
         _RHT_CACHE[key] = (sylvester_hadamard(n) * signs / math.sqrt(n)).to(device)
     return _RHT_CACHE[key]
 
@@ -188,13 +253,15 @@ def random_hadamard(device: torch.device, n: int = HADAMARD_SIZE) -> torch.Tenso
 def hadamard_tokens(x: torch.Tensor, n: int = HADAMARD_SIZE) -> torch.Tensor:
     """Apply the random Hadamard matrix to each group of ``n`` consecutive rows of ``x [M, C]``.
 
-    Rows are zero-padded to a multiple of ``n`` and the padding is *kept*: both
-    wgrad operands are transformed alike and ``H`` is orthogonal, so
+    ``M`` must be a multiple of ``n`` (TE refuses other shapes; so does lowbit, not padding).
+    Both wgrad operands are transformed alike and ``H`` is orthogonal, so
     ``(H g)^T (H x) = g^T x`` exactly in real arithmetic; only quantization
     (and float32 rounding) sees the rotated values.
     """
     m, c = x.shape
-    pad = (-m) % n
-    xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+    if m % n:
+        raise ValueError(
+            f"the wgrad Hadamard transform needs the token count ({m}) to be a multiple of {n}, as TE does"
+        )
     h = random_hadamard(x.device, n)
-    return torch.matmul(h, xp.view(-1, n, c)).view(m + pad, c)
+    return torch.matmul(h, x.view(-1, n, c)).view(m, c)

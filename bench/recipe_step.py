@@ -12,12 +12,14 @@ recipe alike; the table shows the median step time over ``--steps`` rounds
 after ``--warmup`` rounds, and the ratio to BF16 measured in this run.
 ``--compile`` adds a compiled twin of each recipe (``recipe.compile=true``);
 its first steps compile the quantizers (reported as ``warm-up s``). ``--backends`` runs each
-recipe on each backend (``emulated``, ``torch``: real FP8 scaled matmuls). The ratio column is
+recipe on each backend (``emulated``, ``torch``: real FP8 scaled matmuls), ``--gemms`` with each
+``recipe.emulated_gemm`` (the emulated GEMMs in BF16 where exact, or FP32). The ratio column is
 the median of the per-round ratios to BF16, with their interquartile range.
 
     python -m bench.recipe_step                      # eager, tiny model, 2 threads
     python -m bench.recipe_step --compile --recipes mxfp8_e4m3 mxfp4_e2m1
     python -m bench.recipe_step --recipes fp8_current --backends emulated torch --model 20m
+    python -m bench.recipe_step --recipes mxfp8_e4m3 mxfp4_e2m1 --gemms fp32 auto   # BF16 GEMMs vs FP32
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--backends", nargs="+", default=["emulated"], help="recipe.backend values to time")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--gemms", nargs="+", default=["auto"],
+                   help="recipe.emulated_gemm values to time (auto | bf16 | fp32), e.g. --gemms fp32 auto")  # fmt: skip
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -95,12 +99,14 @@ def main() -> None:
 
     contenders = [Contender("bf16", "bf16", [], common)]
     for name in args.recipes:
-        for backend in args.backends:
+        for backend, gemm in ((b, g) for b in args.backends for g in args.gemms):
             label, extra = (
                 (name, [])
                 if args.backends == ["emulated"]
                 else (f"{name} {backend}", [f"recipe.backend={backend}"])
             )
+            if args.gemms != ["auto"]:
+                label, extra = f"{label} ({gemm} GEMMs)", [*extra, f"recipe.emulated_gemm={gemm}"]
             if not args.no_eager:
                 contenders.append(Contender(label, name, ["recipe.compile=false", *extra], common))
             if args.compile:

@@ -107,8 +107,11 @@ def resolve(cfg: RecipeConfig, device: str) -> tuple[str, str | None]:
     return chosen, note
 
 
-def gemm_impl(backend: str, cfg: RecipeConfig, device: str) -> str:
+def gemm_impl(backend: str, cfg: RecipeConfig, device: str, *, bf16_gemm: bool = False) -> str:
     """What runs each converted GEMM, for ``resolved.recipe.gemm_impl`` and the parity table."""
+    if backend == "emulated" and bf16_gemm:
+        return ("emulated: torch.mm on quantize-dequantized operands, in BF16 where both are exact in BF16 "
+                "(MX, high precision) and the engine is BF16, else FP32")  # fmt: skip
     if backend == "emulated":
         return "emulated: FP32 torch.mm on quantize-dequantized FP32 operands"
     if backend == "torch":

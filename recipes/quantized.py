@@ -149,11 +149,15 @@ class QuantizedRecipe(Recipe):
         """What runs the converted GEMMs (``resolved.recipe.gemm_impl``)."""
         if self.backend is None or self.device is None:
             return "unresolved"
-        return backends.gemm_impl(self.backend, self.cfg, self.device)
+        return backends.gemm_impl(self.backend, self.cfg, self.device, bf16_gemm=self.bf16_gemm)
 
     @property
     def compile(self) -> bool:
         return resolve_compile(self.cfg.compile, self.device)
+
+    @property
+    def bf16_gemm(self) -> bool:  # recipe.emulated_gemm; compiled bodies keep FP32 (no graph break)
+        return self.cfg.emulated_gemm == "bf16" or (self.cfg.emulated_gemm == "auto" and not self.compile)
 
     def check_tokens(self, tokens: int) -> None:
         if self.cfg.wgrad_hadamard and tokens % HADAMARD_SIZE:
@@ -279,12 +283,9 @@ class QuantizedRecipe(Recipe):
         d = super().describe()
         d["quantizer"] = self.cfg.quantizer
         d["roles"] = dict(self.roles)
-        d["compile"] = self.compile
-        d["attention"] = (
-            f"QK^T and PV quantized in {len(self.attention)}/{self.num_attention} attention cores"
-            if self.cfg.quantize_attention
-            else "QK^T and PV in high precision"
-        )
+        d["compile"], d["emulated_gemm"] = self.compile, "bf16 where exact" if self.bf16_gemm else "fp32"
+        att = f"QK^T and PV quantized in {len(self.attention)}/{self.num_attention} attention cores"
+        d["attention"] = att if self.cfg.quantize_attention else "QK^T and PV in high precision"
         if self.delayed is not None:
             d["delayed_scaling_tensors"] = len(self.delayed.names)
         return d
@@ -352,7 +353,7 @@ class QuantizedRecipe(Recipe):
         wd = w if wd_fmt == f["weight_format"] else self._role(wd_fmt, tensor=f"{name}/weight", two_d=two_d)
         xw = inp if xw_fmt == f["input_format"] else self._role(xw_fmt, tensor=f"{name}/input")
         transform = hadamard_tokens if self.cfg.wgrad_hadamard else None
-        return LinearQuantizers(inp, w, g, wd, xw, transform, grad_output_wgrad=gw)
+        return LinearQuantizers(inp, w, g, wd, xw, transform, grad_output_wgrad=gw, bf16_gemm=self.bf16_gemm)
 
     def _scaled_gemms(self, name: str) -> ScaledGemms:
         """backend=torch: the same role quantizers, called through ``cast``."""

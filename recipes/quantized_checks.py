@@ -116,6 +116,8 @@ def _check_numbers(cfg: RecipeConfig, kind: QuantizerKind) -> None:
         raise config_error("margin", cfg.margin, "must be >= 0")
     if cfg.amax_epsilon < 0:
         raise config_error("amax_epsilon", cfg.amax_epsilon, "must be >= 0")
+    if cfg.emulated_gemm not in ("auto", "bf16", "fp32"):
+        raise config_error("emulated_gemm", cfg.emulated_gemm, "use auto, bf16 (where exact) or fp32")
     if str(cfg.compile).lower() not in ("auto", "true", "false"):
         raise config_error("compile", cfg.compile, "use auto (on for CUDA only), true or false")
     for key in ("keep_first_blocks", "keep_last_blocks"):

@@ -63,20 +63,10 @@ from recipes.fp8 import amax as fp8_amax
 from recipes.fp8.gemm import Operand
 from recipes.mx import quantize_mx, quantize_nvfp4
 from recipes.mx.nvfp4 import quantize_nvfp4_2d
+from recipes.mx.quantize import quantize_mx_for_gemm
 
-__all__ = [
-    "FP8BlockRole",
-    "FP8CurrentRole",
-    "FP8DelayedRole",
-    "FP8RowwiseRole",
-    "MXRole",
-    "NVFP4Role",
-    "QUANTIZER_KINDS",
-    "QuantizerKind",
-    "RoleQuantizer",
-    "RoleRequest",
-    "SRGenerator",
-]
+__all__ = ["FP8BlockRole", "FP8CurrentRole", "FP8DelayedRole", "FP8RowwiseRole", "MXRole", "NVFP4Role",
+           "QUANTIZER_KINDS", "QuantizerKind", "RoleQuantizer", "RoleRequest", "SRGenerator"]  # fmt: skip
 
 #: seed of the stochastic-rounding generator (the DP rank is added)
 SR_SEED = 0x10B17
@@ -117,6 +107,11 @@ class RoleQuantizer:
     def __call__(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
         raise NotImplementedError
 
+    def for_gemm(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
+        """``self(x)``, in BF16 where its values are exact there (a role that can prove it
+        overrides this), else float32: what ``recipes.qlinear``'s BF16 GEMMs take."""
+        return self(x, axis=axis, training=training)
+
     #: has :meth:`cast` (real float8 codes for a scaled matmul)
     castable: bool = False
 
@@ -140,10 +135,16 @@ class MXRole(RoleQuantizer):
     def __post_init__(self) -> None:
         self.pure = self.rounding != "stochastic"
 
-    def __call__(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
+    def _kw(self, x: torch.Tensor) -> dict:
         gen = self.sr.get(x.device) if self.rounding == "stochastic" and self.sr is not None else None
-        return quantize_mx(x, self.fmt, block_size=self.block_size, axis=axis, rounding=self.rounding,
-                           scale_rule=self.scale_rule, generator=gen, compile=self.compile)  # fmt: skip
+        return dict(block_size=self.block_size, rounding=self.rounding, scale_rule=self.scale_rule,
+                    generator=gen, compile=self.compile)  # fmt: skip
+
+    def __call__(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
+        return quantize_mx(x, self.fmt, axis=axis, **self._kw(x))
+
+    def for_gemm(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
+        return quantize_mx_for_gemm(x, self.fmt, axis=axis, **self._kw(x))  # BF16 when exact
 
     def describe(self) -> str:
         return f"mx {self.fmt} 1x{self.block_size} scale={self.scale_rule} {self.rounding}"

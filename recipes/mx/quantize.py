@@ -113,7 +113,15 @@ from recipes.mx.core import (
 )
 from recipes.mx.formats import ElemFormat, check_rounding, check_scale_rule, get_format
 
-__all__ = ["MXBlocks", "quantize_blocks", "quantize_mx", "quantize_mx_compiled", "uniform_noise"]
+__all__ = [
+    "BF16_MIN_EXP",
+    "MXBlocks",
+    "quantize_blocks",
+    "quantize_mx",
+    "quantize_mx_compiled",
+    "quantize_mx_for_gemm",
+    "uniform_noise",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -137,6 +145,8 @@ class MXBlocks:
     nan: torch.Tensor
     #: float32 X = 2^se, NaN in NaN blocks
     scale: torch.Tensor
+    #: float32 block amax (NaN in blocks holding a NaN)
+    amax: torch.Tensor
 
 
 def quantize_blocks(
@@ -148,11 +158,12 @@ def quantize_blocks(
     scale_rule: str,
 ) -> MXBlocks:
     """Quantize float32 blocks ``(pre, num_blocks, block_size, post)``; the core of every MX path."""
-    se, nan = shared_exponent(block_amax(xb), fmt=fmt, scale_rule=scale_rule)
+    amax = block_amax(xb)
+    se, nan = shared_exponent(amax, fmt=fmt, scale_rule=scale_rule)
     scale, inv = block_scales(se, nan)
     v = torch.mul(xb, inv)  # exact (power-of-two scale); NaN in NaN blocks
     r, q = round_elements(v, fmt=fmt, rounding=rounding, sign_of=xb, noise=noise_b)
-    return MXBlocks(r, q, se, nan, scale)
+    return MXBlocks(r, q, se, nan, scale, amax)
 
 
 def _fake_quant_fp32(
@@ -256,6 +267,58 @@ def quantize_mx(
     kwargs = dict(fmt=fmt, layout=layout, rounding=rounding, scale_rule=scale_rule)
     y = compiling.call(_fake_quant_fp32, compile, x.float(), noise, **kwargs)
     return y.to(x.dtype)
+
+
+#: log2 of BF16's smallest subnormal: ``k * 2^e`` with ``|k| < 2^8`` and ``e >= BF16_MIN_EXP``
+#: is exactly representable in BF16 (its exponent range is FP32's)
+BF16_MIN_EXP = -133
+
+
+def quantize_mx_for_gemm(
+    x32: torch.Tensor,
+    elem_format: str | ElemFormat,
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+    rounding: str = "nearest_even",
+    scale_rule: str = "floor",
+    generator: torch.Generator | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
+    """``quantize_mx`` of a float32 ``x32``, returned in **BF16 when that is exact**, else FP32.
+
+    Every MX value is ``r * 2^(qe + se)`` with ``|r| < 2^8`` (at most 3 mantissa bits plus the
+    implicit one; int8: 7 bits), ``qe >= emin - mbits`` the element quantum and ``se`` the block
+    scale exponent, so it is exact in BF16 (8 exponent bits, 8 significant bits, subnormals down
+    to 2^-133) unless ``se + emin - mbits < -133`` in a block holding a non-zero value, e.g. an
+    E4M3 subnormal times 2^-127. That is checked on the block exponents (one small reduction,
+    no pass over the elements): such a tensor comes back in FP32, bit-identical to
+    ``quantize_mx``. The values are the same either way; only their container differs.
+    """
+    fmt, layout, noise = prepare(x32, elem_format, block_size=block_size, axis=axis, rounding=rounding,
+                                 scale_rule=scale_rule, generator=generator, seed=None)  # fmt: skip
+    if x32.numel() == 0:
+        return x32.clone()
+    kwargs = dict(fmt=fmt, layout=layout, rounding=rounding, scale_rule=scale_rule)
+    y, lowest = compiling.call(_fake_quant_lowest_exp, compile, x32, noise, **kwargs)
+    return y.to(torch.bfloat16) if int(lowest) >= BF16_MIN_EXP else y
+
+
+def _fake_quant_lowest_exp(
+    x32: torch.Tensor, noise: torch.Tensor | None, *, fmt: ElemFormat, layout: BlockLayout, rounding: str,
+    scale_rule: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``_fake_quant_fp32`` and the lowest quantum exponent ``se + emin - mbits`` over blocks with a
+    non-zero amax (int64 0-d; +2^20 when there is none)."""
+    xb = to_blocks(x32, layout)
+    nb = None if noise is None else to_blocks(noise, layout)
+    m = quantize_blocks(xb, nb, fmt=fmt, rounding=rounding, scale_rule=scale_rule)
+    lowest = torch.where(m.amax > 0, m.se, 1 << 20).amin().long() + (fmt.emin - fmt.mbits)
+    if isinstance(m.q, float):
+        y = m.r.mul_(m.scale * m.q)
+    else:
+        y = m.r.mul_(m.q).mul_(m.scale)
+    return from_blocks(y, layout), lowest
 
 
 def quantize_mx_compiled(x: torch.Tensor, elem_format: str | ElemFormat, **kwargs: Any) -> torch.Tensor:

@@ -44,6 +44,7 @@ from recipes.config import RecipeConfig
 from recipes.errors import ConfigError
 
 if TYPE_CHECKING:
+    from recipes.costs import OperandCast
     from recipes.numerics import FormatSpec
     from recipes.probes import LayerProbe
 
@@ -146,6 +147,23 @@ class Recipe:
             stacklevel=2,
         )
         return self.precision
+
+    def gemm_families(self) -> dict[str, str]:
+        """The rate class of each GEMM of a converted Linear, ``{"fwd"|"dgrad"|"wgrad": family}``
+        (``recipes.config.GEMM_FAMILIES``), from the role fields: the wider of a GEMM's two
+        operand formats, the engine precision where one stays high precision
+        (``recipes.costs.gemm_families``). What ``python -m train.perfmodel`` times each GEMM at."""
+        from recipes.costs import gemm_families
+
+        return gemm_families(self.cfg)
+
+    def operand_casts(self) -> list[OperandCast]:
+        """The quantized operand copies each converted Linear makes per forward + backward, with
+        the kind's scale layout (``recipes.costs.OperandCast``: element bits, scale bytes, amax
+        passes and reductions); [] when nothing is quantized or the kind is not in that table."""
+        from recipes.costs import operand_casts
+
+        return operand_casts(self.cfg)
 
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

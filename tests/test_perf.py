@@ -90,6 +90,9 @@ def test_achieved_tflops_and_mfu_arithmetic():
         ("NVIDIA A100-SXM4-80GB", 312.0, None),
         ("NVIDIA A100 80GB PCIe", 312.0, None),
         ("NVIDIA B200", 2250.0, 4500.0),
+        # known since the table moved to conf/hardware/ (GB200 NVL72 datasheet, dense per GPU)
+        ("NVIDIA GB200", 2500.0, 5000.0),
+        ("AMD Instinct MI300X", 1307.4, 2614.9),
     ],
 )
 def test_peak_lookup_by_torch_device_names(name: str, bf16: float, fp8: float | None):
@@ -105,7 +108,6 @@ def test_cpu_and_unknown_devices_have_no_peak():
         None,
         "AMD EPYC 7763 64-Core Processor",
         "NVIDIA GeForce RTX 4090",
-        "NVIDIA GB200",
     ):
         assert peak_tflops(name, "bf16") is None
         assert device_peak_for_format(name, "fp8") is None

@@ -42,7 +42,7 @@ Peaks and MFU
 ``achieved_tflops = tokens_per_s * flops_per_token / 1e12``; pass tokens/s per
 device for a per-device figure. ``mfu = achieved_tflops / peak``, a fraction
 (0..1). :data:`PEAK_TFLOPS` holds **dense** (no 2:4 sparsity) tensor-core
-peaks per GPU; ``peak_tflops`` returns None on CPU and unknown devices (MFU is
+peaks per GPU, read from ``conf/hardware/*.yaml`` (``train.hwspec``); ``peak_tflops`` returns None on CPU and unknown devices (MFU is
 not defined there: log it as absent, never as 0). The caller names the
 denominator in the key: ``perf/mfu_bf16_peak`` (``peak_tflops(dev, "bf16")``)
 and ``perf/mfu_format_peak`` (``device_peak_for_format(dev, family)``).
@@ -50,7 +50,6 @@ and ``perf/mfu_format_peak`` (``device_peak_for_format(dev, family)``).
 
 from __future__ import annotations
 
-import re
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -59,55 +58,15 @@ import torch
 
 from recipes.config import GEMM_FAMILIES
 from train.config import ModelConfig
+from train.hwspec import device_table, match_device
 
 # Dense tensor-core peaks per GPU, TFLOP/s (int8: TOPS), keyed by
-# (regex on torch.cuda.get_device_name(), dtype). The FIRST device pattern
-# that matches decides (more specific patterns come first); a dtype that
-# device lacks gives None. Sources: vendor datasheets / whitepapers, dense
-# (the datasheets' "with sparsity" figures halved).
+# (regex on torch.cuda.get_device_name(), GEMM family), in lookup order: built from
+# conf/hardware/*.yaml (``train.hwspec``, the one table; sources are comments there). The FIRST
+# device pattern that matches decides (``match_order``: variants first); a family that device
+# lacks gives None.
 PEAK_TFLOPS: dict[tuple[str, str], float] = {
-    # H100 PCIe: NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022), dense.
-    (r"\bH100\b.*\bPCIe\b", "bf16"): 756.0,
-    (r"\bH100\b.*\bPCIe\b", "fp16"): 756.0,
-    (r"\bH100\b.*\bPCIe\b", "fp8"): 1513.0,
-    (r"\bH100\b.*\bPCIe\b", "int8"): 1513.0,
-    # H100 NVL (unverified: H100 NVL datasheet per GPU, 1671 / 3341 with sparsity, halved).
-    (r"\bH100\b.*\bNVL\b", "bf16"): 835.5,
-    (r"\bH100\b.*\bNVL\b", "fp16"): 835.5,
-    (r"\bH100\b.*\bNVL\b", "fp8"): 1670.5,
-    (r"\bH100\b.*\bNVL\b", "int8"): 1670.5,
-    # H100 SXM5 ("NVIDIA H100 80GB HBM3"): Hopper whitepaper, dense.
-    (r"\bH100\b", "bf16"): 989.4,
-    (r"\bH100\b", "fp16"): 989.4,
-    (r"\bH100\b", "fp8"): 1978.9,
-    (r"\bH100\b", "int8"): 1978.9,
-    # H200 NVL (unverified: H200 NVL datasheet, 1671 / 3341 with sparsity, halved).
-    (r"\bH200\b.*\bNVL\b", "bf16"): 835.5,
-    (r"\bH200\b.*\bNVL\b", "fp16"): 835.5,
-    (r"\bH200\b.*\bNVL\b", "fp8"): 1670.5,
-    (r"\bH200\b.*\bNVL\b", "int8"): 1670.5,
-    # H200 SXM: the H100 SXM tensor cores (H200 datasheet: 1979 / 3958 with sparsity).
-    (r"\bH200\b", "bf16"): 989.4,
-    (r"\bH200\b", "fp16"): 989.4,
-    (r"\bH200\b", "fp8"): 1978.9,
-    (r"\bH200\b", "int8"): 1978.9,
-    # GH200 (unverified: GH200 datasheet lists the H100 SXM figures).
-    (r"\bGH200\b", "bf16"): 989.4,
-    (r"\bGH200\b", "fp16"): 989.4,
-    (r"\bGH200\b", "fp8"): 1978.9,
-    (r"\bGH200\b", "int8"): 1978.9,
-    # A100 (SXM4 and PCIe alike): A100 datasheet, dense. No FP8 / FP4.
-    (r"\bA100\b", "bf16"): 312.0,
-    (r"\bA100\b", "fp16"): 312.0,
-    (r"\bA100\b", "int8"): 624.0,
-    # B200 (unsure: HGX B200 datasheet, 8-GPU figures with sparsity / 8 / 2; the
-    # per-GPU figure depends on the board's power limit). FP6 runs at the FP8 rate.
-    (r"\bB200\b", "bf16"): 2250.0,
-    (r"\bB200\b", "fp16"): 2250.0,
-    (r"\bB200\b", "fp8"): 4500.0,
-    (r"\bB200\b", "fp6"): 4500.0,
-    (r"\bB200\b", "int8"): 4500.0,
-    (r"\bB200\b", "fp4"): 9000.0,
+    (spec.device_regex, family): peak for spec in device_table() for family, peak in spec.peak_tflops.items()
 }
 
 _DTYPE_ALIASES = {
@@ -164,12 +123,8 @@ def peak_tflops(device_name: str | None, dtype: str | torch.dtype) -> float | No
     rate for (A100 fp8): MFU is then undefined.
     """
     key = _norm_dtype(dtype)
-    if not device_name:
-        return None
-    for pattern in dict.fromkeys(p for p, _ in PEAK_TFLOPS):
-        if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return PEAK_TFLOPS.get((pattern, key))
-    return None
+    spec = match_device(device_name)
+    return None if spec is None else spec.peak_tflops.get(key)
 
 
 def device_peak_for_format(device_name: str | None, format_family: str) -> float | None:
@@ -177,7 +132,9 @@ def device_peak_for_format(device_name: str | None, format_family: str) -> float
     ``recipes.config.GEMM_FAMILIES``): an MXFP8 recipe names ``fp8``, NVFP4 and MXFP4 ``fp4``.
 
     None where the device has no rate for it (Hopper fp4/fp6, A100 fp8) or for
-    fp32 (no FP32 tensor-core peak in the table).
+    fp32 (no FP32 tensor-core peak in the table): the trainer logs no format-peak MFU then
+    (``python -m train.perfmodel`` predicts such a GEMM in the next-best family instead,
+    ``train.hwspec.rate_family``).
     """
     key = format_family.lower()
     if key not in GEMM_FAMILIES:

@@ -83,8 +83,10 @@ def test_planted_wgrad_effect_is_attributed_to_wgrad(tmp_path):
     assert res["seeds"] == [1, 2] and not res["missing"]
     sh = res["shapley"]
     assert sh["wgrad"]["verdict"].startswith("worse"), sh
-    assert sh["wgrad"]["mean"] > 2 * max(abs(sh["fwd"]["mean"]), abs(sh["dgrad"]["mean"])), sh
-    assert sh["fwd"]["verdict"] == sh["dgrad"]["verdict"] == "indistinguishable", sh
+    # the planted MXFP4 wgrad dominates; MXFP8 fwd/dgrad in 128-blocks are small but not nothing:
+    # with BF16 GEMMs (less accumulation-order noise in the unquantized GEMMs) 2 seeds can resolve
+    # the fwd share (~+0.0005 against wgrad's ~+0.003), so their verdicts are not asserted
+    assert sh["wgrad"]["mean"] > 3 * max(abs(sh["fwd"]["mean"]), abs(sh["dgrad"]["mean"])), sh
     assert sum(sh[g]["mean"] for g in sh) == pytest.approx(res["full"]["mean"], abs=1e-9)
     assert (out / "attribution.png").stat().st_size > 1000 and (out / "attribution.md").exists()
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(

@@ -4,6 +4,8 @@
     python -m train.perfmodel --out pred.json model=13b +recipe=nvfp4 parallel=zero3 hardware=gb200 nodes=18 \\
         launcher.nproc_per_node=4 hardware.peak_tflops.fp4=20000     # a what-if chip
     python -m train.perfmodel +recipe=nvfp4 hardware=h100 +hardware.peak_tflops.fp4=4000  # a rate it lacks
+    python -m train.perfmodel -m --out DIR model=tiny,125m,1.3b,13b +recipe=bf16,fp8_delayed,mxfp8,nvfp4 \\
+        hardware=h100,b200                                    # a sweep: table + plots (train.perfmodel.sweep)
 
 Own flags first, then Hydra overrides (the ``python -m train.<tool>`` convention). Every
 override except ``hardware=NAME``, ``hardware.<field>=...`` and ``nodes=N`` composes the same
@@ -31,6 +33,7 @@ from recipes.base import get_recipe
 from recipes.config import RecipeConfig
 from recipes.errors import ConfigError
 from train.cli import CONF_DIR, compose, config_error_exit, split_override
+from train.config import RunConfig
 from train.hwspec import HardwareConfig, from_dict, hardware_names, validate_hardware
 from train.perfmodel.predict import OVERLAPS, predict_step
 
@@ -158,24 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="--calibrate: the spec's name (default: cpu, or the GPU's)")
     ap.add_argument("--quick", action="store_true", help="--calibrate: tiny sizes, few repeats (tests)")
     ap.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="sweep: KEY=a,b,c overrides, one prediction per point of their product; a table and "
+        "plots into --out DIR (train.perfmodel.sweep)",
+    )
+    ap.add_argument(
         "overrides", nargs="*", help="Hydra overrides, as for train/run.py, plus hardware=, nodes="
     )
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.calibrate:
         return run_calibration(args)
-    mine = [o for o in args.overrides if own_override(o)]
+    if args.multirun:
+        return run_multirun(args)
     try:
-        if args.hardware_file and any(split_override(o)[0].startswith("hardware") for o in mine):  # type: ignore[index]
-            raise ConfigError(
-                "--hardware-file", args.hardware_file, "it replaces hardware=...; drop those overrides"
-            )
-        pm = compose_perfmodel(mine)
-        if args.hardware_file:
-            pm.hardware = hardware_file(args.hardware_file)
-        cfg = compose([o for o in args.overrides if not own_override(o)])
-        pred = predict_step(cfg, pm.hardware, get_recipe(cfg.recipe), nodes=pm.nodes, overlap=args.overlap)
-        bf16 = RecipeConfig(skip_modules=list(cfg.recipe.skip_modules))
-        base = predict_step(cfg, pm.hardware, get_recipe(bf16), nodes=pm.nodes, overlap=args.overlap)
+        point = compose_point(args.overrides, hardware_path=args.hardware_file)
+        pred, base = predict_point(point, overlap=args.overlap)
     except ConfigError as e:
         config_error_exit(e)
     pred["summary"]["speedup_over_bf16"] = base["summary"]["step_time_s"] / pred["summary"]["step_time_s"]
@@ -187,6 +189,61 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and not args.json:
         print(f"JSON: {args.out}")
     return 0
+
+
+def compose_point(
+    overrides: list[str], *, hardware_path: Path | None = None
+) -> tuple[RunConfig, PerfModelConfig]:
+    """The run config and the perfmodel config (hardware, nodes) of one prediction."""
+    mine = [o for o in overrides if own_override(o)]
+    if hardware_path and any(split_override(o)[0].startswith("hardware") for o in mine):  # type: ignore[index]
+        raise ConfigError("--hardware-file", hardware_path, "it replaces hardware=...; drop those overrides")
+    pm = compose_perfmodel(mine)
+    if hardware_path:
+        pm.hardware = hardware_file(hardware_path)
+    return compose([o for o in overrides if not own_override(o)]), pm
+
+
+def predict_point(
+    point: tuple[RunConfig, PerfModelConfig], *, overlap: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the recipe's prediction, bf16's on the same config: the speedup's denominator)."""
+    cfg, pm = point
+    pred = predict_step(cfg, pm.hardware, get_recipe(cfg.recipe), nodes=pm.nodes, overlap=overlap)
+    bf16 = RecipeConfig(skip_modules=list(cfg.recipe.skip_modules))
+    return pred, predict_step(cfg, pm.hardware, get_recipe(bf16), nodes=pm.nodes, overlap=overlap)
+
+
+def run_multirun(args: argparse.Namespace) -> int:
+    """``-m``: the sweep (``train.perfmodel.sweep``): expand, compose all, predict all, write."""
+    import os
+    import time
+
+    from train.perfmodel import sweep
+
+    try:
+        if args.json:
+            raise ConfigError(
+                "--json", True, "a sweep writes its table and plots into --out DIR; drop --json"
+            )
+        swept, points = sweep.expand(args.overrides)
+        sweep.run_sweep(points, compose=lambda o: compose_point(o, hardware_path=args.hardware_file),
+                        predict=lambda c: predict_point(c, overlap=args.overlap))  # fmt: skip
+    except ConfigError as e:
+        config_error_exit(e)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = args.out or Path(os.environ.get("LOWBIT_OUTPUTS", "outputs")) / "perfmodel" / f"sweep-{stamp}"
+    title = f"perfmodel sweep over {', '.join(swept) or 'one point'}"
+    paths = sweep.write(points, swept, out, overrides=args.overrides, title=title)
+    print(f"{title}: {len(points)} point(s), overlap={args.overlap}\n")
+    print(sweep.markdown([{k: p.row[k] for k in SWEEP_COLUMNS if k in p.row} for p in points]))
+    print("wrote: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+#: the columns the sweep prints (the files hold every column)
+SWEEP_COLUMNS = ("model", "recipe", "hardware", "gpus", "step_ms", "speedup_over_bf16", "mfu_bf16_peak_pct",
+                 "emulated_as", "memory_per_gpu_gb", "fits_in_hbm", "top_bottleneck")  # fmt: skip
 
 
 def hardware_file(path: Path) -> HardwareConfig:

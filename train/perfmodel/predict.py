@@ -157,7 +157,7 @@ def predict_step(cfg: RunConfig, hw: HardwareConfig, recipe: Recipe, *, nodes: i
     gemm_flops = sum(c.flops * c.count for c in comps if c.kind == "gemm")
     attn_flops = sum(c.flops * c.count for c in comps if c.kind == "attention")
     summary = {
-        "recipe": recipe.name, "hardware": hw.name, "gpus": world, "nodes": nodes, "gpus_per_node": per_node,
+        "recipe": recipe.name, "model": mc.name, "num_params": num_params, "hardware": hw.name, "gpus": world, "nodes": nodes, "gpus_per_node": per_node,
         "zero_stage": stage, "micro_batch": micro, "grad_accum_steps": accum, "tokens_per_step": tokens,
         "step_time_s": step_s, "compute_time_s": compute_s, "comm_exposed_s": exposed,
         "comm_total_s": sum(c.total_s for c in comms), "tokens_per_s": tokens / step_s,

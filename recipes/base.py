@@ -57,13 +57,17 @@ class ConversionReport:
     kept: list[str] = field(default_factory=list)
     #: why a kept layer was kept, where a filter decided it ("skip regex 'lm_head'", "first 1 blocks")
     reasons: dict[str, str] = field(default_factory=dict)
+    #: converted GEMMs whose reduction dim is zero-padded to whole scale blocks (``Recipe.padded_gemms``)
+    padded: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         total = len(self.converted) + len(self.kept)
         if not self.converted:
             return f"no Linear converted; all {total} run in the engine precision"
         kept = ", ".join(self.kept) if self.kept else "none"
-        return f"converted {len(self.converted)}/{total} Linear; kept in high precision: {kept}"
+        pads = sorted(set(self.padded.values()))
+        pad = f"; {len(self.padded)} GEMMs zero-padded: {', '.join(pads)}" if pads else ""
+        return f"converted {len(self.converted)}/{total} Linear; kept in high precision: {kept}{pad}"
 
 
 class Recipe:
@@ -122,6 +126,12 @@ class Recipe:
         """Raise ConfigError if this recipe cannot train on micro-batches of ``tokens`` tokens
         (``trainer.micro_batch_size x model.seq_len``: the wgrad GEMM's reduction dim)."""
         return None
+
+    def padded_gemms(self, tokens: int) -> dict[str, str]:
+        """The converted GEMMs whose reduction dim is zero-padded to whole scale blocks on
+        micro-batches of ``tokens`` tokens, ``{"<layer>.wgrad": "tokens 100 -> 128 (block 32)"}``
+        (the trainer records them in the conversion report and says so once); none here."""
+        return {}
 
     def convert(self, model: nn.Module) -> ConversionReport:
         self.report = ConversionReport(kept=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
@@ -208,6 +218,7 @@ class Recipe:
             "converted": list(self.report.converted),
             "kept": list(self.report.kept),
             "kept_reasons": dict(self.report.reasons),
+            "padded_gemms": dict(self.report.padded),
         }
 
 

@@ -99,6 +99,7 @@ from recipes.quantized_checks import (
     check_block_dims,
     check_recipe_config,
     config_error,
+    padded_wgrad,
     quantizer_kind,
     resolve_compile,
     role_formats,
@@ -122,14 +123,10 @@ class QuantizedRecipe(Recipe):
         self.delayed: DelayedScalingState | None = None
         kind = QUANTIZER_KINDS.get(cfg.quantizer)  # an unknown one is refused by check()
         if kind is not None and kind.delayed:
-            self.delayed = DelayedScalingState(
-                DelayedScaling(
-                    fp8_format=cfg.fp8_format.upper(),
-                    margin=cfg.margin,
-                    amax_history_len=cfg.amax_history_len,
-                    amax_compute_algo=cfg.amax_compute_algo,
-                )
-            )
+            self.delayed = DelayedScalingState(DelayedScaling(
+                fp8_format=cfg.fp8_format.upper(), margin=cfg.margin, amax_history_len=cfg.amax_history_len,
+                amax_compute_algo=cfg.amax_compute_algo,
+            ))  # fmt: skip
         self.attention: list[str] = []
         self.roles: dict[str, str] = {}
         self._shared: LinearQuantizers | None = None
@@ -164,6 +161,9 @@ class QuantizedRecipe(Recipe):
             raise config_error("wgrad_hadamard", True, f"the {HADAMARD_SIZE}x{HADAMARD_SIZE} transform runs "
                                f"over tokens, {tokens} per micro-batch here (trainer.micro_batch_size x "
                                f"model.seq_len): make it a multiple of {HADAMARD_SIZE}, as TE requires")  # fmt: skip
+
+    def padded_gemms(self, tokens: int) -> dict[str, str]:
+        return padded_wgrad(self.cfg, self.report.converted, tokens)
 
     def check(self, model: nn.Module) -> None:
         """Settings, then block size vs every converted layer's reduction dims."""

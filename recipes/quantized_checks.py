@@ -202,3 +202,15 @@ def check_block_dims(cfg: RecipeConfig, converted: dict[str, nn.Linear]) -> None
                     f"must divide every converted layer's reduction dims, but {name}.{what}={dim}; "
                     f"choose a block size dividing it, or keep {name} in high precision via recipe.skip_modules",
                 )
+
+
+def padded_wgrad(cfg: RecipeConfig, converted: list[str], tokens: int) -> dict[str, str]:
+    """The wgrad GEMMs of ``converted`` layers that zero-pad their reduction dim (tokens per
+    micro-batch) to whole blocks: blocked kinds whose wgrad quantizes an operand along tokens.
+    Padding never raises a block's amax; it is reported, not refused (TE pads too)."""
+    f, b = role_formats(cfg), cfg.block_size
+    wgrad = f["grad_output_wgrad_format"] is not None or f["input_wgrad_format"] is not None
+    if not (quantizer_kind(cfg).blocked and b and wgrad and tokens % b):
+        return {}
+    note = f"tokens {tokens} -> {tokens + (-tokens) % b} (block {b})"
+    return {f"{name}.wgrad": note for name in converted}

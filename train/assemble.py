@@ -88,6 +88,7 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     if note:
         distenv.log0(denv, note)
     report = recipe.convert(model)
+    report.padded = recipe.padded_gemms(plan.micro_batch_size * cfg.model.seq_len)
     distenv.log0(
         denv, f"recipe {recipe.name} ({recipe.precision}, backend {recipe.backend}): {report.summary()}"
     )

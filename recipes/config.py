@@ -125,9 +125,9 @@ class RecipeConfig:
     compile: str = "auto"
     """torch.compile the quantizers: auto (on for CUDA only) | true | false. Same bits."""
     emulated_gemm: str = "auto"
-    """Emulated backend's GEMM dtype: bf16 (a GEMM whose operands are exact in BF16, e.g. MX, runs
-    in BF16 with FP32 accumulation: same values, another accumulation order) | fp32 (every GEMM
-    on FP32 values) | auto (bf16 unless the quantizers are compiled). ``recipes.qlinear``."""
+    """Emulated backend's GEMM dtype: bf16 (a GEMM whose operands are exact in BF16, MX or FP8 with
+    power-of-two scales, runs in BF16 with FP32 accumulation: same values, another accumulation
+    order) | fp32 (every GEMM on FP32 values) | auto (bf16 unless the quantizers are compiled)."""
     # ---- hardware backends (recipe.backend=torch | te)
     amax_update: str = "step"
     """Delayed scaling: when the amax histories roll and the scales update. ``step``: once per

@@ -24,9 +24,11 @@ wgrad        ``dW = Q_gw(dY)^T @ Q_xw(x)``                 tokens M (axis 0 of b
   runs on BF16 tensors instead (FP32 accumulation, one rounding to BF16: the same values in,
   the same rounding out, only the accumulation order differs; about 5x faster on CPU).
   Exact: MX values (element times a power of two; ``quantize_mx_for_gemm`` checks the
-  block exponents for values below BF16's subnormal range and falls back to FP32 there) and
-  operands left in high precision (BF16 engine values). Not exact, so FP32 as before: FP8
-  with FP32 scales, NVFP4 (E4M3 times FP32 scales), the Hadamard-transformed wgrad operands.
+  block exponents for values below BF16's subnormal range and falls back to FP32 there), FP8
+  block / rowwise values with power-of-two scales (``recipes.fp8.blockwise.exact_in_bf16``,
+  the same check on the scales) and operands left in high precision (BF16 engine values). Not
+  exact, so FP32 as before: FP8 with FP32 scales (``fp8_current``, ``fp8_delayed``), NVFP4
+  (E4M3 times FP32 scales), the Hadamard-transformed wgrad operands.
 * The bias is added in FP32 before that rounding; ``db = sum(dY)`` in FP32.
 * The backward pass re-quantizes from the *high-precision* saved ``x`` and
   ``W`` (as microxcaling and TE do), never from the forward's quantized copies.

@@ -64,35 +64,10 @@ from recipes.fp8.gemm import Operand
 from recipes.mx import quantize_mx, quantize_nvfp4
 from recipes.mx.nvfp4 import quantize_nvfp4_2d
 from recipes.mx.quantize import quantize_mx_for_gemm
+from recipes.srgen import SR_SEED, SRGenerator
 
 __all__ = ["FP8BlockRole", "FP8CurrentRole", "FP8DelayedRole", "FP8RowwiseRole", "MXRole", "NVFP4Role",
-           "QUANTIZER_KINDS", "QuantizerKind", "RoleQuantizer", "RoleRequest", "SRGenerator"]  # fmt: skip
-
-#: seed of the stochastic-rounding generator (the DP rank is added)
-SR_SEED = 0x10B17
-
-
-class SRGenerator:
-    """One ``torch.Generator`` per device for stochastic rounding, seeded ``SR_SEED + rank``."""
-
-    def __init__(self, seed: int = SR_SEED):
-        self.seed = seed
-        self._gens: dict[torch.device, torch.Generator] = {}
-
-    def get(self, device: torch.device) -> torch.Generator:
-        if device not in self._gens:
-            import torch.distributed as dist
-
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            self._gens[device] = torch.Generator(device=device).manual_seed(self.seed + rank)
-        return self._gens[device]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {str(dev): g.get_state() for dev, g in self._gens.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for dev, gen_state in state.items():
-            self.get(torch.device(dev)).set_state(gen_state)
+           "QUANTIZER_KINDS", "QuantizerKind", "RoleQuantizer", "RoleRequest", "SR_SEED", "SRGenerator"]  # fmt: skip
 
 
 class RoleQuantizer:
@@ -253,11 +228,16 @@ class FP8RowwiseRole(RoleQuantizer):
     amax_epsilon: float = 1e-12
     compile: bool = False
 
-    def __call__(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, *, axis: int, training: bool = True, for_gemm: bool = False
+    ) -> torch.Tensor:
         return call_quantizer(
-            quantize_fp8_rowwise, self.compile, x, self.fmt,
-            axis=axis, power_2_scales=self.power_2_scales, amax_epsilon=self.amax_epsilon,
+            quantize_fp8_rowwise, self.compile, x, self.fmt, axis=axis, power_2_scales=self.power_2_scales,
+            amax_epsilon=self.amax_epsilon, for_gemm=for_gemm,
         )  # fmt: skip
+
+    def for_gemm(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
+        return self(x, axis=axis, for_gemm=True)  # BF16 when exact (power-of-two scales)
 
     castable = True
 
@@ -286,13 +266,17 @@ class FP8BlockRole(RoleQuantizer):
     def __post_init__(self) -> None:
         self.axis_free = self.two_d
 
-    def __call__(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
-        kw = dict(
-            block_size=self.block_size, power_2_scales=self.power_2_scales, amax_epsilon=self.amax_epsilon
-        )
+    def __call__(
+        self, x: torch.Tensor, *, axis: int, training: bool = True, for_gemm: bool = False
+    ) -> torch.Tensor:
+        kw = dict(block_size=self.block_size, power_2_scales=self.power_2_scales, amax_epsilon=self.amax_epsilon,
+                  for_gemm=for_gemm)  # fmt: skip
         if self.two_d:
             return call_quantizer(quantize_fp8_block_2d, self.compile, x, self.fmt, **kw)
         return call_quantizer(quantize_fp8_block_1d, self.compile, x, self.fmt, axis=axis, **kw)
+
+    def for_gemm(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
+        return self(x, axis=axis, for_gemm=True)  # BF16 when exact (power-of-two scales)
 
     def describe(self) -> str:
         b = self.block_size

@@ -1,9 +1,10 @@
 """BF16 GEMMs in the emulated backend (``recipe.emulated_gemm``): exact operands only, same values.
 
-What must hold: an MX operand handed to a BF16 GEMM holds exactly the values ``quantize_mx``
-returns (checked bit for bit, including the subnormal corner where it must fall back to FP32);
-the GEMMs really run on BF16 tensors where they may and on FP32 where they may not (FP8 with FP32
-scales, NVFP4); and the outputs differ from the FP32 path by accumulation order only.
+What must hold: an MX or power-of-two-scaled FP8 operand handed to a BF16 GEMM holds exactly the
+values ``quantize_mx`` / ``quantize_fp8_block_*`` return (checked bit for bit, including the
+subnormal corner where it must fall back to FP32); the GEMMs really run on BF16 tensors where they
+may and on FP32 where they may not (FP8 with FP32 scales, NVFP4); and the outputs differ from the
+FP32 path by accumulation order only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from recipes.fp8 import get_format as get_fp8_format
 from recipes.mx import FORMATS, quantize_mx
 from recipes.mx.quantize import BF16_MIN_EXP, quantize_mx_for_gemm
 from recipes.qlinear import LinearQuantizers, quant_linear
-from recipes.quantizers import FP8CurrentRole, MXRole, NVFP4Role
+from recipes.quantizers import FP8BlockRole, FP8CurrentRole, MXRole, NVFP4Role
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -130,3 +131,40 @@ def test_fp32_engine_never_takes_the_bf16_path():
     x, w, b, gy = _layer(torch.float32)
     _, seen = _run(_roles(MXRole("fp8_e4m3"), bf16_gemm=True), x, w, b, gy)
     assert seen == [torch.float32] * 3
+
+
+# ---------------------------------------------------------------- FP8 with power-of-two scales
+
+
+def test_fp8_block_and_rowwise_power_of_two_values_are_exact_in_bf16():
+    from recipes.fp8 import quantize_fp8_block_1d, quantize_fp8_block_2d, quantize_fp8_rowwise
+
+    x = torch.randn(256, 256, generator=_gen(2)) * torch.logspace(-20, 20, 256)
+    for fn, kw in ((quantize_fp8_block_1d, {}), (quantize_fp8_block_2d, {}), (quantize_fp8_rowwise, {})):
+        y = fn(x, "e4m3", for_gemm=True, **kw)
+        assert y.dtype == torch.bfloat16 and torch.equal(y.float(), fn(x, "e4m3", **kw)), fn.__name__
+        # FP32 scales (power_2_scales=False) are not exact in BF16: float32, the same values
+        y32 = fn(x, "e4m3", for_gemm=True, power_2_scales=False, **kw)
+        assert y32.dtype == torch.float32 and torch.equal(y32, fn(x, "e4m3", power_2_scales=False, **kw))
+
+
+def test_fp8_block_below_bf16_subnormals_falls_back_to_fp32():
+    """A 1x128 block with amax ~2^-120 gets the scale 2^127 (448/amax overflows FP32: the dtype
+    max, rounded down); its codes' quantum 2^-9 / 2^127 = 2^-136 is below BF16's subnormals:
+    float32, bit for bit."""
+    from recipes.fp8 import quantize_fp8_block_1d
+
+    x = torch.ones(2, 256)
+    x[1, 128:] = torch.linspace(-1, 1, 128) * 2.0**-120
+    y = quantize_fp8_block_1d(x, "e4m3", for_gemm=True)
+    assert y.dtype == torch.float32 and torch.equal(y, quantize_fp8_block_1d(x, "e4m3"))
+
+
+def test_fp8_block_layer_runs_bf16_gemms():
+    x, w, b, gy = _layer()
+    role = FP8BlockRole(get_fp8_format("e4m3"), block_size=32)
+    fast, seen = _run(_roles(role, bf16_gemm=True), x, w, b, gy)
+    slow, _ = _run(_roles(role, bf16_gemm=False), x, w, b, gy)
+    assert seen == [torch.bfloat16] * 3
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f.float(), s.float(), rtol=2**-7, atol=1e-6)

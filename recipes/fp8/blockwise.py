@@ -28,6 +28,9 @@ as ``q/scale``.
 * A dim that is not a multiple of the block size is zero-padded for the amax
   (padding cannot raise a block's amax) and sliced off afterwards.
 
+``for_gemm=True`` returns the same values in BF16 where they are all exact there (power-of-two
+scales only, :func:`exact_in_bf16`), for the emulated backend's BF16 GEMMs (``recipes.qlinear``).
+
 What stays high precision: the scales (FP32), and every tensor the caller
 does not pass in. Differences from TE: TE stores ``scale_inv = 1/scale`` and
 multiplies; identical for power-of-2 scales, may differ by 1 FP32 ulp for FP32
@@ -37,6 +40,7 @@ GEMM additionally forces split (FP32) accumulation; the GEMM is not emulated her
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -112,11 +116,30 @@ def _expand(scale: torch.Tensor, blocks: dict[int, int], shape: Sequence[int]) -
     return s[tuple(slice(0, n) for n in shape)]
 
 
-def _quantize_blocked(x, fmt, blocks, *, power_2_scales, amax_epsilon, value_for_inf):
+def _quantize_blocked(x, fmt, blocks, *, power_2_scales, amax_epsilon, value_for_inf, for_gemm=False):
     q, scale, _ = _blocked_cast(
         x, fmt, blocks, power_2_scales=power_2_scales, amax_epsilon=amax_epsilon, value_for_inf=value_for_inf
     )
-    return (q.float() / _expand(scale, blocks, x.shape)).to(x.dtype)
+    y = q.float() / _expand(scale, blocks, x.shape)
+    if for_gemm and power_2_scales and exact_in_bf16(scale, fmt):
+        return y.to(torch.bfloat16)
+    return y.to(x.dtype)
+
+
+#: log2 of BF16's smallest subnormal (``recipes.mx.quantize.BF16_MIN_EXP``)
+_BF16_MIN_EXP = -133
+
+
+def exact_in_bf16(scale: torch.Tensor, fmt: FP8Format) -> bool:
+    """Whether ``code / scale`` is exact in BF16 for every element, given power-of-two ``scale``s.
+
+    An FP8 code has at most 4 significant bits and a quantum >= ``fmt.min_subnormal``; divided by
+    ``2^k`` its quantum is >= ``min_subnormal * 2^-k_max``, so every value is a BF16 value unless
+    that falls below 2^-133 (a block with amax below ~2^-115). Zero and NaN blocks have scale 1.
+    One reduction over the scales, none over the elements.
+    """
+    k_max = int(torch.frexp(scale.amax())[1]) - 1  # scale = 2^k: frexp gives (0.5, k + 1)
+    return math.log2(fmt.min_subnormal) - k_max >= _BF16_MIN_EXP
 
 
 def _dtype_max(x: torch.Tensor) -> float:
@@ -156,10 +179,12 @@ def quantize_fp8_rowwise(
     axis: int = -1,
     power_2_scales: bool = True,
     amax_epsilon: float = TORCHAO_AMAX_EPS,
+    for_gemm: bool = False,
 ) -> torch.Tensor:
     """Quantize-dequantize with one scale per slice along ``axis`` (amax reduced over ``axis``).
 
     Defaults follow torchao's ``rowwise`` recipe (power-of-2 scales, amax floor 1e-12).
+    ``for_gemm``: return BF16 where every value is exact there (:func:`exact_in_bf16`).
     """
     return _quantize_blocked(
         x,
@@ -168,6 +193,7 @@ def quantize_fp8_rowwise(
         power_2_scales=power_2_scales,
         amax_epsilon=amax_epsilon,
         value_for_inf=float(torch.finfo(torch.float32).max),
+        for_gemm=for_gemm,
     )
 
 
@@ -200,6 +226,7 @@ def quantize_fp8_block_1d(
     block_size: int = 128,
     power_2_scales: bool = True,
     amax_epsilon: float = 0.0,
+    for_gemm: bool = False,
 ) -> torch.Tensor:
     """Quantize-dequantize with 1 x ``block_size`` tiles along ``axis`` (TE 1x128: activations, grads)."""
     return _quantize_blocked(
@@ -209,6 +236,7 @@ def quantize_fp8_block_1d(
         power_2_scales=power_2_scales,
         amax_epsilon=amax_epsilon,
         value_for_inf=_dtype_max(x),
+        for_gemm=for_gemm,
     )
 
 
@@ -245,6 +273,7 @@ def quantize_fp8_block_2d(
     block_size: int = 128,
     power_2_scales: bool = True,
     amax_epsilon: float = 0.0,
+    for_gemm: bool = False,
 ) -> torch.Tensor:
     """Quantize-dequantize with square tiles over the last two dims (TE 128x128: weights)."""
     return _quantize_blocked(
@@ -254,6 +283,7 @@ def quantize_fp8_block_2d(
         power_2_scales=power_2_scales,
         amax_epsilon=amax_epsilon,
         value_for_inf=_dtype_max(x),
+        for_gemm=for_gemm,
     )
 
 

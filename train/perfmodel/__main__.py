@@ -161,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="--calibrate: the spec's name (default: cpu, or the GPU's)")
     ap.add_argument("--quick", action="store_true", help="--calibrate: tiny sizes, few repeats (tests)")
     ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="run one training step of OVERRIDES' engine here under a dispatch trace and cost its "
+        "aten ops at --hardware-file's rates (train.perfmodel.optrace); nothing timed",
+    )
+    ap.add_argument(
         "-m",
         "--multirun",
         action="store_true",
@@ -173,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.calibrate:
         return run_calibration(args)
-    if args.multirun:
+    if args.multirun and not args.trace:
         return run_multirun(args)
+    if args.trace:
+        return run_trace(args)
     try:
         point = compose_point(args.overrides, hardware_path=args.hardware_file)
         pred, base = predict_point(point, overlap=args.overlap)
@@ -255,6 +263,35 @@ def hardware_file(path: Path) -> HardwareConfig:
             "--hardware-file", path, "no such file (python -m train.perfmodel --calibrate writes one)"
         )
     return from_dict(yaml.safe_load(path.read_text()))
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    """``--trace``: one step of the composed engine traced op by op, costed on a hardware file."""
+    try:
+        if args.multirun:
+            raise ConfigError("--trace", True, "traces one config; drop -m")
+        if args.hardware_file is None:
+            raise ConfigError("--trace", True, "needs --hardware-file FILE (python -m train.perfmodel "
+                              "--calibrate writes one: outputs/hardware/cpu.yaml)")  # fmt: skip
+        if any(own_override(o) for o in args.overrides):
+            raise ConfigError(
+                "--trace", True, "the rates come from --hardware-file; drop hardware= and nodes="
+            )
+        hw = hardware_file(args.hardware_file)
+        defaults = [d for d in ("logger=none", "trainer.device=cpu")
+                    if not any(o.split("=", 1)[0].lstrip("+") == d.split("=")[0] for o in args.overrides)]  # fmt: skip
+        cfg = compose([*defaults, *args.overrides])
+        from train.perfmodel.optrace import predict_traced, render
+
+        pred = predict_traced(cfg, hw)
+    except ConfigError as e:
+        config_error_exit(e)
+    pred["overrides"] = args.overrides
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(pred, indent=1, default=str) + "\n")
+    print(json.dumps(pred, indent=1, default=str) if args.json else render(pred, " ".join(args.overrides)))
+    return 0
 
 
 def run_calibration(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ The measured rates are what this machine achieves, so the YAML sets ``gemm_effic
 rank per node (``gpus_per_node: 1``: ranks on one CPU share its FLOPs and bandwidth); the link
 bandwidths are not measured and are set to the memory bandwidth, as the comments say. It is
 written under ``outputs/hardware/`` (never ``conf/``) and read back with ``--hardware-file``.
-Not here: the calibrated-CPU bench (predicted vs measured step time) and the counting of an
-emulated recipe's ops from a dispatch trace.
+An emulated recipe's step is costed at these rates from its ops, counted in a dispatch trace
+(``train.perfmodel.optrace``, ``--trace``); ``python -m bench.perfmodel_cpu`` prints that
+prediction next to the measured step.
 """
 
 from __future__ import annotations

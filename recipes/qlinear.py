@@ -23,7 +23,7 @@ wgrad        ``dW = Q_gw(dY)^T @ Q_xw(x)``                 tokens M (axis 0 of b
   dtype is BF16 and both operands of a GEMM are *exactly* representable in BF16, the GEMM
   runs on BF16 tensors instead (FP32 accumulation, one rounding to BF16: the same values in,
   the same rounding out, only the accumulation order differs; about 5x faster on CPU).
-  Exact: MX values (element times a power of two; ``quantize_mx_for_gemm`` checks the
+  Exact: MX values (element times a power of two; ``quantize_mx(for_gemm=True)`` checks the
   block exponents for values below BF16's subnormal range and falls back to FP32 there), FP8
   block / rowwise values with power-of-two scales (``recipes.fp8.blockwise.exact_in_bf16``,
   the same check on the scales) and operands left in high precision (BF16 engine values). Not
@@ -152,9 +152,11 @@ def _operand(
     """A GEMM operand from its high-precision tensor ``hp`` (engine dtype) and its float32 copy
     (``None``: made here): quantized in float32, or with ``bf16`` as BF16 where exact
     (``RoleQuantizer.for_gemm``); a role left ``None`` is ``hp`` itself under ``bf16``."""
-    if q is None:
-        return hp if bf16 else (hp.float() if hp32 is None else hp32)
+    if q is None and bf16:
+        return hp
     x32 = hp.float() if hp32 is None else hp32
+    if q is None:
+        return x32
     return q.for_gemm(x32, axis=axis, training=training) if bf16 else q(x32, axis=axis, training=training)
 
 

@@ -63,7 +63,6 @@ from recipes.fp8 import amax as fp8_amax
 from recipes.fp8.gemm import Operand
 from recipes.mx import quantize_mx, quantize_nvfp4
 from recipes.mx.nvfp4 import quantize_nvfp4_2d
-from recipes.mx.quantize import quantize_mx_for_gemm
 from recipes.srgen import SR_SEED, SRGenerator
 
 __all__ = ["FP8BlockRole", "FP8CurrentRole", "FP8DelayedRole", "FP8RowwiseRole", "MXRole", "NVFP4Role",
@@ -119,7 +118,7 @@ class MXRole(RoleQuantizer):
         return quantize_mx(x, self.fmt, axis=axis, **self._kw(x))
 
     def for_gemm(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
-        return quantize_mx_for_gemm(x, self.fmt, axis=axis, **self._kw(x))  # BF16 when exact
+        return quantize_mx(x, self.fmt, axis=axis, for_gemm=True, **self._kw(x))  # BF16 when exact
 
     def describe(self) -> str:
         return f"mx {self.fmt} 1x{self.block_size} scale={self.scale_rule} {self.rounding}"

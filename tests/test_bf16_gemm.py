@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from recipes.fp8 import get_format as get_fp8_format
 from recipes.mx import FORMATS, quantize_mx
-from recipes.mx.quantize import BF16_MIN_EXP, quantize_mx_for_gemm
+from recipes.mx.quantize import BF16_MIN_EXP
 from recipes.qlinear import LinearQuantizers, quant_linear
 from recipes.quantizers import FP8BlockRole, FP8CurrentRole, MXRole, NVFP4Role
 
@@ -27,7 +27,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_mx_values_are_exact_in_bf16(fmt):
     x = torch.randn(64, 256, generator=_gen()) * torch.logspace(-20, 20, 256)
-    y = quantize_mx_for_gemm(x, fmt)
+    y = quantize_mx(x, fmt, for_gemm=True)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y.float(), quantize_mx(x, fmt))  # the BF16 container changed no value
 
@@ -42,7 +42,7 @@ def test_values_below_bf16_subnormals_fall_back_to_fp32(fmt):
     x[1, 32], x[1, 33] = 2.0**-118 if fmt == "fp8_e4m3" else 2.0**-111, 2.0**-135
     ref = quantize_mx(x, fmt)
     assert ref[1, 33] != 0 and ref[1, 33].bfloat16().float() != ref[1, 33]  # the reason for the check
-    y = quantize_mx_for_gemm(x, fmt)
+    y = quantize_mx(x, fmt, for_gemm=True)
     assert y.dtype == torch.float32 and torch.equal(y, ref)
 
 
@@ -53,14 +53,14 @@ def test_narrow_formats_are_exact_in_bf16_at_every_scale(fmt):
     assert -127 + f.emin - f.mbits >= BF16_MIN_EXP
     x = torch.ones(2, 64)
     x[1, 32:] = torch.linspace(1, 2, 32) * 2.0**-126
-    y = quantize_mx_for_gemm(x, fmt)
+    y = quantize_mx(x, fmt, for_gemm=True)
     assert y.dtype == torch.bfloat16 and torch.equal(y.float(), quantize_mx(x, fmt))
 
 
 def test_all_zero_blocks_do_not_force_fp32():
     x = torch.zeros(4, 64)  # zero blocks get the E8M0 minimum 2^-127 but hold no value
     x[0] = torch.randn(64, generator=_gen())
-    assert quantize_mx_for_gemm(x, "fp8_e4m3").dtype == torch.bfloat16
+    assert quantize_mx(x, "fp8_e4m3", for_gemm=True).dtype == torch.bfloat16
 
 
 class _MMDtypes(TorchDispatchMode):

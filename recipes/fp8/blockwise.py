@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from recipes.fp8.formats import E4M3, FP8Format, amax, format_for_role, get_format
 from recipes.fp8.scaling import scale_from_amax
+from recipes.mx.quantize import BF16_MIN_EXP
 
 __all__ = [
     "Float8BlockScaling",
@@ -126,10 +127,6 @@ def _quantize_blocked(x, fmt, blocks, *, power_2_scales, amax_epsilon, value_for
     return y.to(x.dtype)
 
 
-#: log2 of BF16's smallest subnormal (``recipes.mx.quantize.BF16_MIN_EXP``)
-_BF16_MIN_EXP = -133
-
-
 def exact_in_bf16(scale: torch.Tensor, fmt: FP8Format) -> bool:
     """Whether ``code / scale`` is exact in BF16 for every element, given power-of-two ``scale``s.
 
@@ -139,7 +136,7 @@ def exact_in_bf16(scale: torch.Tensor, fmt: FP8Format) -> bool:
     One reduction over the scales, none over the elements.
     """
     k_max = int(torch.frexp(scale.amax())[1]) - 1  # scale = 2^k: frexp gives (0.5, k + 1)
-    return math.log2(fmt.min_subnormal) - k_max >= _BF16_MIN_EXP
+    return math.log2(fmt.min_subnormal) - k_max >= BF16_MIN_EXP
 
 
 def _dtype_max(x: torch.Tensor) -> float:

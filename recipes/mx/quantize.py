@@ -116,10 +116,10 @@ from recipes.mx.formats import ElemFormat, check_rounding, check_scale_rule, get
 __all__ = [
     "BF16_MIN_EXP",
     "MXBlocks",
+    "exact_in_bf16",
     "quantize_blocks",
     "quantize_mx",
     "quantize_mx_compiled",
-    "quantize_mx_for_gemm",
     "uniform_noise",
 ]
 
@@ -179,11 +179,14 @@ def _fake_quant_fp32(
     xb = to_blocks(x32, layout)
     nb = None if noise is None else to_blocks(noise, layout)
     m = quantize_blocks(xb, nb, fmt=fmt, rounding=rounding, scale_rule=scale_rule)
+    return from_blocks(_dequantized(m), layout)
+
+
+def _dequantized(m: MXBlocks) -> torch.Tensor:
+    """``r * q * scale`` in place of ``m.r`` (blocked)."""
     if isinstance(m.q, float):
-        y = m.r.mul_(m.scale * m.q)  # int8: 2^(se-6) >= 2^-133 is exact
-    else:
-        y = m.r.mul_(m.q).mul_(m.scale)
-    return from_blocks(y, layout)
+        return m.r.mul_(m.scale * m.q)  # int8: 2^(se-6) >= 2^-133 is exact
+    return m.r.mul_(m.q).mul_(m.scale)
 
 
 def uniform_noise(x: torch.Tensor, *, generator: torch.Generator | None, seed: int | None) -> torch.Tensor:
@@ -235,6 +238,7 @@ def quantize_mx(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     compile: bool = False,
+    for_gemm: bool = False,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` to MX ``elem_format`` with E8M0 block scales (module docstring).
 
@@ -248,9 +252,11 @@ def quantize_mx(
         scale_rule: ``floor`` (spec) | ``ceil`` | ``rceil`` | ``even``.
         generator, seed: randomness for ``stochastic`` (ignored otherwise).
         compile: run the same function under ``torch.compile`` (same bits).
+        for_gemm: return the values in BF16 where that is exact (:func:`exact_in_bf16`), for the
+            emulated backend's BF16 GEMMs; otherwise (and where it is not exact) ``x``'s dtype.
 
     Returns:
-        A tensor of ``x``'s shape and dtype.
+        A tensor of ``x``'s shape, in ``x``'s dtype (BF16 under ``for_gemm`` where exact).
     """
     fmt, layout, noise = prepare(
         x,
@@ -265,6 +271,9 @@ def quantize_mx(
     if x.numel() == 0:
         return x.clone()
     kwargs = dict(fmt=fmt, layout=layout, rounding=rounding, scale_rule=scale_rule)
+    if for_gemm:
+        y, lowest = compiling.call(_fake_quant_lowest_exp, compile, x.float(), noise, **kwargs)
+        return y.to(torch.bfloat16 if exact_in_bf16(int(lowest)) else x.dtype)
     y = compiling.call(_fake_quant_fp32, compile, x.float(), noise, **kwargs)
     return y.to(x.dtype)
 
@@ -274,34 +283,17 @@ def quantize_mx(
 BF16_MIN_EXP = -133
 
 
-def quantize_mx_for_gemm(
-    x32: torch.Tensor,
-    elem_format: str | ElemFormat,
-    *,
-    block_size: int = 32,
-    axis: int = -1,
-    rounding: str = "nearest_even",
-    scale_rule: str = "floor",
-    generator: torch.Generator | None = None,
-    compile: bool = False,
-) -> torch.Tensor:
-    """``quantize_mx`` of a float32 ``x32``, returned in **BF16 when that is exact**, else FP32.
+def exact_in_bf16(lowest_exp: int) -> bool:
+    """Whether MX values whose smallest quantum is ``2^lowest_exp`` are all exact in BF16.
 
     Every MX value is ``r * 2^(qe + se)`` with ``|r| < 2^8`` (at most 3 mantissa bits plus the
     implicit one; int8: 7 bits), ``qe >= emin - mbits`` the element quantum and ``se`` the block
     scale exponent, so it is exact in BF16 (8 exponent bits, 8 significant bits, subnormals down
     to 2^-133) unless ``se + emin - mbits < -133`` in a block holding a non-zero value, e.g. an
-    E4M3 subnormal times 2^-127. That is checked on the block exponents (one small reduction,
-    no pass over the elements): such a tensor comes back in FP32, bit-identical to
-    ``quantize_mx``. The values are the same either way; only their container differs.
+    E4M3 subnormal times 2^-127. ``quantize_mx(for_gemm=True)`` takes ``lowest_exp`` from the
+    block exponents (one small reduction, no pass over the elements).
     """
-    fmt, layout, noise = prepare(x32, elem_format, block_size=block_size, axis=axis, rounding=rounding,
-                                 scale_rule=scale_rule, generator=generator, seed=None)  # fmt: skip
-    if x32.numel() == 0:
-        return x32.clone()
-    kwargs = dict(fmt=fmt, layout=layout, rounding=rounding, scale_rule=scale_rule)
-    y, lowest = compiling.call(_fake_quant_lowest_exp, compile, x32, noise, **kwargs)
-    return y.to(torch.bfloat16) if int(lowest) >= BF16_MIN_EXP else y
+    return lowest_exp >= BF16_MIN_EXP
 
 
 def _fake_quant_lowest_exp(
@@ -314,11 +306,7 @@ def _fake_quant_lowest_exp(
     nb = None if noise is None else to_blocks(noise, layout)
     m = quantize_blocks(xb, nb, fmt=fmt, rounding=rounding, scale_rule=scale_rule)
     lowest = torch.where(m.amax > 0, m.se, 1 << 20).amin().long() + (fmt.emin - fmt.mbits)
-    if isinstance(m.q, float):
-        y = m.r.mul_(m.scale * m.q)
-    else:
-        y = m.r.mul_(m.q).mul_(m.scale)
-    return from_blocks(y, layout), lowest
+    return from_blocks(_dequantized(m), layout), lowest
 
 
 def quantize_mx_compiled(x: torch.Tensor, elem_format: str | ElemFormat, **kwargs: Any) -> torch.Tensor:

@@ -58,13 +58,7 @@ def _decide(times: dict[str, float]) -> tuple[float, str]:
 
 def gemm(m: int, k: int, n: int, *, peak_tflops: float, bytes_moved: float, hw: HardwareConfig) -> Roofline:
     """One ``[m,k] x [k,n]`` GEMM moving ``bytes_moved`` bytes, at ``peak_tflops`` (dense)."""
-    flops = 2.0 * m * k * n
-    t, bound = _decide({
-        "compute": flops / (peak_tflops * 1e12 * hw.gemm_efficiency),
-        "memory": bytes_moved / (hw.hbm_tb_s * 1e12 * hw.mem_efficiency),
-        "latency": hw.kernel_launch_us * 1e-6,
-    })  # fmt: skip
-    return Roofline(t, bound, flops, bytes_moved)
+    return kernel(2.0 * m * k * n, bytes_moved, peak_tflops=peak_tflops, hw=hw)
 
 
 def gemm_bytes(m: int, k: int, n: int, *, a_bits: float, b_bits: float, scale_bytes: float = 0.0) -> float:
@@ -81,14 +75,20 @@ def memory_pass(bytes_moved: float, *, hw: HardwareConfig, kernels: int = 1, flo
     return Roofline(t, bound, flops, bytes_moved)
 
 
-def attention(flops: float, bytes_moved: float, *, peak_tflops: float, hw: HardwareConfig) -> Roofline:
-    """A fused attention kernel: the roofline of its matmul FLOPs and its Q/K/V/O traffic."""
+def kernel(flops: float, bytes_moved: float, *, peak_tflops: float, hw: HardwareConfig) -> Roofline:
+    """One kernel of ``flops`` matmul FLOPs moving ``bytes_moved`` bytes: compute, memory or
+    launch latency, whichever is longest."""
     t, bound = _decide({
         "compute": flops / (peak_tflops * 1e12 * hw.gemm_efficiency),
         "memory": bytes_moved / (hw.hbm_tb_s * 1e12 * hw.mem_efficiency),
         "latency": hw.kernel_launch_us * 1e-6,
     })  # fmt: skip
     return Roofline(t, bound, flops, bytes_moved)
+
+
+def attention(flops: float, bytes_moved: float, *, peak_tflops: float, hw: HardwareConfig) -> Roofline:
+    """A fused attention kernel: the roofline of its matmul FLOPs and its Q/K/V/O traffic."""
+    return kernel(flops, bytes_moved, peak_tflops=peak_tflops, hw=hw)
 
 
 #: bytes through each GPU's link per byte of buffer, as a function of the group size p

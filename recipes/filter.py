@@ -3,8 +3,11 @@
 Rules, applied to each module name in order (the first that matches keeps the
 layer in high precision):
 
-1. a ``skip`` regex matches the name (``re.search``; the default ``["lm_head"]``
-   keeps the output head in the engine precision, as TE / torchao recipes do);
+1. a ``skip`` regex matches the name on whole dotted components (:func:`name_matches`: the
+   match starts at the name's start or after a ``.`` and ends at its end or before a ``.``, so
+   ``blocks.1`` keeps ``blocks.1.mlp.fc`` but not ``blocks.11.mlp.fc``, and ``mlp`` keeps every
+   MLP Linear; ``^...$`` anchors the whole name). The default ``["lm_head"]`` keeps the output
+   head in the engine precision, as TE / torchao recipes do;
 2. the name sits in one of the first ``keep_first_blocks`` or last
    ``keep_last_blocks`` transformer blocks (``blocks.{i}.`` in the name;
    ``num_blocks`` is the model's block count);
@@ -21,7 +24,15 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["FilterDecision", "block_index", "compile_patterns", "num_blocks", "select_modules"]
+__all__ = [
+    "FilterDecision",
+    "NamePattern",
+    "block_index",
+    "compile_patterns",
+    "name_matches",
+    "num_blocks",
+    "select_modules",
+]
 
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)(?:\.|$)")
 
@@ -38,9 +49,30 @@ def num_blocks(names: Iterable[str]) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def compile_patterns(patterns: Sequence[str]) -> list[re.Pattern[str]]:
-    """Compile the skip regexes; a ``re.error`` names the bad pattern."""
-    return [re.compile(p) for p in patterns]
+@dataclass(frozen=True)
+class NamePattern:
+    """A module-name pattern: the user's text (messages and reasons quote it) and its compiled
+    form, which matches whole dotted components only (rule 1)."""
+
+    pattern: str
+    regex: re.Pattern[str]
+
+    def search(self, name: str) -> re.Match[str] | None:
+        return self.regex.search(name)
+
+
+def compile_patterns(patterns: Sequence[str]) -> list[NamePattern]:
+    """Compile module-name regexes (rule 1); a ``re.error`` is the user's pattern's own."""
+    out = []
+    for p in patterns:
+        re.compile(p)  # the user's pattern alone, so an error message is about it, not the wrapper
+        out.append(NamePattern(p, re.compile(rf"(?:^|(?<=\.))(?:{p})(?=\.|$)")))
+    return out
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """Whether module-name ``pattern`` matches ``name`` on whole dotted components (rule 1)."""
+    return compile_patterns([pattern])[0].search(name) is not None
 
 
 @dataclass

@@ -215,3 +215,16 @@ def test_bad_input_is_one_line_exit_2(args, prefix, tmp_path: Path):
     assert lines[0].startswith(f"lowbit: config error: {prefix}:"), lines[0]
     assert "Traceback" not in res.proc.stderr + res.proc.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_presets_on_a_search_path_are_choices(tmp_path: Path):
+    """`hydra.searchpath=[file://DIR]` adds DIR/recipe/*.yaml (train.sensitivity writes its presets there)."""
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text(
+        "defaults: [_schema, _self_]\nname: mine\nprecision: fp32\n"
+    )
+    cfg = compose_run([f"hydra.searchpath=[file://{tmp_path}]", "+recipe=mine"])
+    assert cfg.recipe.name == "mine" and cfg.recipe.precision == "fp32"
+    with pytest.raises(ConfigError) as e:
+        compose_run([f"hydra.searchpath=[file://{tmp_path}]", "+recipe=nope"])
+    assert e.value.key == "recipe" and "mine" in e.value.fix and "mxfp4_e2m1" in e.value.fix

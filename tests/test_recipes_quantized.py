@@ -13,7 +13,7 @@ from torch import nn
 from recipes.base import get_recipe
 from recipes.config import RecipeConfig
 from recipes.errors import ConfigError
-from recipes.filter import block_index, select_modules
+from recipes.filter import block_index, name_matches, select_modules
 from recipes.plain import PlainRecipe
 from recipes.qlinear import QuantAttentionCore, QuantLinear
 from recipes.quantized import QuantizedRecipe
@@ -68,6 +68,23 @@ def test_filter_first_last_blocks_and_regexes():
     )
     assert d.reasons["blocks.2.attn.proj"].startswith("skip regex")
     assert block_index("blocks.12.mlp.fc") == 12 and block_index("lm_head") is None
+
+
+def test_filter_patterns_match_whole_name_components():
+    names = [f"blocks.{i}.{m}" for i in (1, 11) for m in ("attn.qkv", "mlp.fc", "mlp.fc_gate")] + ["lm_head"]
+    # re.search would let blocks.1 take blocks.11's layers, and mlp.fc take mlp.fc_gate
+    assert select_modules(names, skip=["blocks.1"]).kept == [n for n in names if n.startswith("blocks.1.")]
+    assert select_modules(names, skip=[r"mlp\.fc"]).kept == ["blocks.1.mlp.fc", "blocks.11.mlp.fc"]
+    assert select_modules(names, skip=["mlp"]).kept == [n for n in names if ".mlp." in n]
+    assert select_modules(names, skip=[r"^blocks\.11\.mlp\.fc$", "head"]).kept == ["blocks.11.mlp.fc"]
+    assert select_modules(names, skip=["attn|lm_head"]).kept == [
+        "blocks.1.attn.qkv",
+        "blocks.11.attn.qkv",
+        "lm_head",
+    ]
+    assert name_matches("blocks.1.mlp", "blocks.1.mlp.fc") and not name_matches(
+        "blocks.1.mlp", "blocks.11.mlp.fc"
+    )
 
 
 # ---------------------------------------------------------------- presets

@@ -105,17 +105,37 @@ def split_override(arg: str) -> tuple[str, str] | None:
     return key.lstrip("+~"), val
 
 
-def _group_options(conf_dir: str, group: str) -> list[str]:
-    return sorted(p.stem for p in Path(conf_dir, group).glob("*.yaml"))
+def _group_options(conf_dirs: list[str], group: str) -> list[str]:
+    return sorted({p.stem for d in conf_dirs for p in Path(d, group).glob("*.yaml")})
+
+
+def search_dirs(overrides: list[str]) -> list[str] | None:
+    """The ``file://`` directories of a ``hydra.searchpath=[...]`` override (where a tool such as
+    ``train.sensitivity`` writes presets); None when an entry is not a directory (``pkg://``),
+    whose options this check cannot list."""
+    dirs: list[str] = []
+    for arg in overrides:
+        kv = split_override(arg)
+        if kv is None or kv[0] != "hydra.searchpath":
+            continue
+        for entry in kv[1].strip("[]").split(","):
+            entry = entry.strip().strip("'\"")
+            if not entry.startswith("file://"):
+                return None
+            dirs.append(entry.removeprefix("file://"))
+    return dirs
 
 
 def check_group_choices(overrides: list[str], *, conf_dir: str) -> None:
+    extra = search_dirs(overrides)
+    if extra is None:
+        return  # compose() turns Hydra's own "could not find" into the one-line error
     for arg in overrides:
         kv = split_override(arg)
         if kv is None or kv[0] not in GROUPS:
             continue
         key, val = kv
-        options = _group_options(conf_dir, key)
+        options = _group_options([conf_dir, *extra], key)
         for choice in val.split(","):
             if choice not in options:
                 raise ConfigError(key, choice, f"unknown {key}; choose one of: {', '.join(options)}")

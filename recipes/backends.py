@@ -13,7 +13,9 @@
   ``resolved.recipe.resolved_backend``, with ``resolved.recipe.gemm_impl`` naming the GEMM.
 
 A backend asked for explicitly that cannot run is a ``ConfigError`` on ``recipe.backend`` naming
-the requirement and the alternative, raised in validation, before any start-up.
+the requirement and the alternative, raised in validation, before any start-up. Per-layer role
+formats (``recipe.layer_formats``) are emulated-only: ``auto`` resolves to ``emulated`` with them,
+and ``te`` / ``torch`` asked for with them is a ``ConfigError`` on ``recipe.layer_formats``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = ["TORCH_KINDS", "TEModules", "gemm_impl", "resolve", "te_problem", "to
 
 #: kinds whose scales the torch backend passes to the scaled matmul today
 TORCH_KINDS = ("fp8_current", "fp8_delayed", "fp8_rowwise")
+#: why the hardware backends cannot run a recipe with per-layer role formats
+LAYER_FORMATS_PROBLEM = "recipe.layer_formats is emulated-only"
 #: the per-GEMM fast-accumulation fields and their defaults (torchao's): only backend=torch has them
 FAST_ACCUM_DEFAULTS = {"fast_accum_forward": True, "fast_accum_dgrad": False, "fast_accum_wgrad": False}
 
@@ -41,6 +45,8 @@ FAST_ACCUM_DEFAULTS = {"fast_accum_forward": True, "fast_accum_dgrad": False, "f
 def torch_problem(cfg: RecipeConfig, device: str) -> str | None:
     """Why ``recipe.backend=torch`` cannot run ``cfg`` on ``device`` (None: it can)."""
     kind = quantizer_kind(cfg)
+    if cfg.layer_formats:
+        return LAYER_FORMATS_PROBLEM
     if cfg.quantizer == "fp8_block":
         return unsupported_reason(device, block=True)
     if kind.family == "mx":
@@ -65,6 +71,8 @@ def te_problem(cfg: RecipeConfig, device: str) -> str | None:
     recipes cannot express, then what this machine lacks."""
     from recipes.te_backend import te_recipe_spec, te_unavailable_reason
 
+    if cfg.layer_formats:
+        return LAYER_FORMATS_PROBLEM
     try:
         te_recipe_spec(cfg)
     except ConfigError as e:
@@ -76,6 +84,9 @@ def resolve(cfg: RecipeConfig, device: str) -> tuple[str, str | None]:
     """(backend, note printed once when ``auto`` chose). ConfigError for an explicit backend that
     cannot run here, and for backend-only options set under another backend."""
     want = cfg.backend
+    if cfg.layer_formats and want in ("torch", "te"):
+        raise ConfigError("recipe.layer_formats", dict(cfg.layer_formats),
+                          f"{LAYER_FORMATS_PROBLEM} (not recipe.backend={want}); use recipe.backend=emulated")  # fmt: skip
     if want == "torch":
         if why := torch_problem(cfg, device):
             raise ConfigError("recipe.backend", "torch", f"{why}; use recipe.backend=emulated")

@@ -8,7 +8,8 @@ scaling); the recipe kind (``quantizer``, the registry key, and ``module`` for
 kinds defined outside lowbit); which GEMM operand goes to which format (the
 ``*_format`` roles); how blocks and scales are formed (``block_size``,
 ``rounding``, ``scale_rule``, the FP8 scaling fields); which layers convert
-(``skip_modules``, ``keep_*_blocks``, ``quantize_attention``); and ``compile``.
+(``skip_modules``, ``keep_*_blocks``, ``quantize_attention``) and the per-layer role formats
+(``layer_formats``); and ``compile``.
 The numerics of each quantizer are stated in ``recipes.quantized``.
 """
 
@@ -115,13 +116,24 @@ class RecipeConfig:
     """Floor applied to amax before the scale division."""
     # ---- which layers convert
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
-    """Regexes (re.search on the module name) of Linear layers kept in high precision."""
+    """Regexes of Linear layers kept in high precision, matched on whole dotted name components
+    (``blocks.1`` keeps ``blocks.1.mlp.fc``, not ``blocks.11.mlp.fc``; ``recipes.filter``)."""
     keep_first_blocks: int = 0
     """Keep the Linear layers of the first N transformer blocks in high precision."""
     keep_last_blocks: int = 0
     """Keep the Linear layers of the last N transformer blocks in high precision."""
     quantize_attention: bool = False
     """Also quantize the attention matmuls QK^T and PV (input/grad formats)."""
+    layer_formats: dict[str, dict[str, Optional[str]]] = field(default_factory=dict)
+    """Per-layer role formats: module-name regex -> {role field: format} overrides for the converted
+    Linear layers it matches, e.g. ``{'^blocks\\.1\\.mlp\\.fc$': {input_wgrad_format: fp4_e2m1}}``.
+    Keys match as ``skip_modules`` does (``recipes.filter.compile_patterns``); the first key (in
+    order) that matches a layer applies, a layer no key matches takes the fields above. Values:
+    role fields of ``ROLE_FORMAT_FIELDS`` only, each a format of this quantizer kind, null (high
+    precision) or ``same``; they replace those fields for that layer before ``same`` resolves.
+    Block size, rounding, scales and the kind stay the recipe's. It converts no layer the filter
+    keeps and leaves the attention cores alone; a key applying to no converted layer is an error.
+    Emulated backend only."""
     compile: str = "auto"
     """torch.compile the quantizers: auto (on for CUDA only) | true | false. Same bits."""
     emulated_gemm: str = "auto"

@@ -39,8 +39,12 @@ class PlainRecipe(Recipe):
     backends = ("native",)
 
     def check(self, model: nn.Module) -> None:
-        """Refuse a set ``*_format``: under ``quantizer: none`` it would be silently ignored."""
+        """Refuse a set ``*_format`` or ``layer_formats``: under ``quantizer: none`` they would be
+        silently ignored."""
         cfg = resolve_same(self.cfg)
+        if cfg.layer_formats:
+            raise ConfigError("recipe.layer_formats", dict(cfg.layer_formats), "quantizer none converts no layer; "
+                              "set recipe.quantizer to a quantized kind or drop recipe.layer_formats")  # fmt: skip
         for key in ROLE_FORMAT_FIELDS:
             if getattr(cfg, key) is not None:
                 kinds = ", ".join(k for k in known_kinds() if k != "none")

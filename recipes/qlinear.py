@@ -57,6 +57,7 @@ untouched: this module only changes the values entering each GEMM.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -69,7 +70,14 @@ from recipes import compiling
 from recipes.config import SAME
 from recipes.quantizers import RoleQuantizer
 
-__all__ = ["LinearQuantizers", "MatmulQuantizers", "QuantLinear", "quant_linear", "quant_matmul"]
+__all__ = [
+    "LinearQuantizers",
+    "MatmulQuantizers",
+    "QuantLinear",
+    "quant_linear",
+    "quant_matmul",
+    "set_submodule",
+]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -135,6 +143,14 @@ class LinearQuantizers:
         if self.wgrad_transform is not None:
             out["wgrad_transform"] = "random 16x16 Hadamard along tokens"
         return out
+
+    def compiled_bodies(self) -> LinearQuantizers:
+        """These pure roles for ``compile``: the bodies are compiled whole, so the roles inside
+        run uncompiled (a compiled body traces them)."""
+        eager = [None if q is None else dataclasses.replace(q, compile=False) for q in self.roles]  # type: ignore[type-var]
+        return dataclasses.replace(self, input=eager[0], weight=eager[1], grad_output=eager[2], weight_dgrad=eager[3],
+                                   input_wgrad=eager[4], grad_output_wgrad=eager[5] if self.split_dy else SAME,
+                                   compile=True)  # fmt: skip
 
 
 def _q(q: RoleQuantizer | None, x32: torch.Tensor, axis: int, training: bool) -> torch.Tensor:
@@ -239,6 +255,12 @@ def quant_linear(
 
 
 L = TypeVar("L", bound=nn.Linear)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace ``model``'s submodule ``name`` (dotted) by ``module``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def adopt_linear(cls: type[L], linear: nn.Linear, *, name: str) -> L:

@@ -38,6 +38,12 @@ forward role's format. Every operand is quantize-dequantized in FP32 and the
 GEMM accumulates in FP32; the output is rounded once to BF16; the bias is
 added in FP32. The backward pass re-quantizes from the BF16 ``x`` and ``W``.
 
+Per-layer formats (``recipe.layer_formats``, emulated backend only): a module-name regex
+(matched as ``skip_modules`` is, ``recipes.filter``) maps to role-field overrides; the first
+key matching a converted Linear replaces those fields for it before ``same`` resolves. Block
+size, rounding, scales and the kind stay the recipe's; no kept layer converts and the
+attention cores keep the recipe's formats.
+
 Scale granularity and rule, per ``recipe.quantizer``:
 
 * ``mx``: OCP MX, ``block_size`` elements share an E8M0 scale
@@ -80,6 +86,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -94,11 +101,14 @@ from recipes.fp8 import DelayedScaling, DelayedScalingState
 from recipes.fp8.gemm import check_dims
 from recipes.mx.nvfp4 import HADAMARD_SIZE, hadamard_tokens
 from recipes.numerics import FormatSpec, get_spec, mx_format_name
-from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear
+from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear, set_submodule
 from recipes.quantized_checks import (
     check_block_dims,
+    check_layer_keys,
     check_recipe_config,
     config_error,
+    layer_config,
+    layer_override,
     padded_wgrad,
     quantizer_kind,
     resolve_compile,
@@ -129,7 +139,7 @@ class QuantizedRecipe(Recipe):
             ))  # fmt: skip
         self.attention: list[str] = []
         self.roles: dict[str, str] = {}
-        self._shared: LinearQuantizers | None = None
+        self._shared: dict[str | None, LinearQuantizers] = {}  # per recipe.layer_formats key
         self.num_attention = 0
         self.cast_epoch = CastEpoch()
         self._te: backends.TEModules | None = None  # backend te
@@ -166,12 +176,13 @@ class QuantizedRecipe(Recipe):
         return padded_wgrad(self.cfg, self.report.converted, tokens)
 
     def check(self, model: nn.Module) -> None:
-        """Settings, then block size vs every converted layer's reduction dims."""
+        """Settings, ``layer_formats`` keys vs the converted layers, then block size vs their dims."""
         cfg = self.cfg
-        check_recipe_config(cfg)
+        check_recipe_config(cfg)  # first: it checks the regexes select() compiles
+        decision, linears = self.select(model), dict(iter_linears(model))
+        check_layer_keys(cfg, decision.converted, decision.kept)
         if self.backend == "torch" and self.device is not None:
-            linears = dict(iter_linears(model))
-            for name in self.select(model).converted:
+            for name in decision.converted:
                 lin = linears[name]
                 dims = {f"{name}.in_features": lin.in_features, f"{name}.out_features": lin.out_features}
                 if why := check_dims(self.device, dims):
@@ -179,17 +190,12 @@ class QuantizedRecipe(Recipe):
                                        "recipe.skip_modules, or use recipe.backend=emulated")  # fmt: skip
         if not quantizer_kind(cfg).blocked:
             return
-        linears = dict(iter_linears(model))
-        check_block_dims(cfg, {name: linears[name] for name in self.select(model).converted})
+        check_block_dims(cfg, {name: linears[name] for name in decision.converted})
         if cfg.quantize_attention:
             for name, attn in self._attention_modules(model):
                 if int(attn.head_dim) % cfg.block_size:  # type: ignore[arg-type]  # an int attribute of a Module
-                    raise config_error(
-                        "block_size",
-                        cfg.block_size,
-                        f"must divide the head dim {attn.head_dim} of {name} (QK^T reduction) when "
-                        "recipe.quantize_attention=true",
-                    )
+                    raise config_error("block_size", cfg.block_size, f"must divide the head dim {attn.head_dim} of "
+                                       f"{name} (QK^T reduction) when recipe.quantize_attention=true")  # fmt: skip
 
     def convert(self, model: nn.Module) -> ConversionReport:
         self.check(model)
@@ -201,12 +207,13 @@ class QuantizedRecipe(Recipe):
         for name in decision.converted if self.backend != "te" else ():
             if self.backend == "torch":
                 gemms = self._scaled_gemms(name)
-                _set_submodule(model, name, ScaledLinear.from_linear(linears[name], gemms, name=name))
+                set_submodule(model, name, ScaledLinear.from_linear(linears[name], gemms, name=name))
                 self.roles = gemms.describe()
                 continue
             qs = self._linear_quantizers(name)
-            _set_submodule(model, name, QuantLinear.from_linear(linears[name], qs, name=name))
-            self.roles = qs.describe()
+            set_submodule(model, name, QuantLinear.from_linear(linears[name], qs, name=name))
+            if not self.roles or layer_override(self.cfg, name)[0] is None:  # the recipe's own formats
+                self.roles = qs.describe()
         self.attention = []
         self.num_attention = len(self._attention_modules(model))
         if self.cfg.quantize_attention:
@@ -286,6 +293,8 @@ class QuantizedRecipe(Recipe):
         d["compile"], d["emulated_gemm"] = self.compile, "bf16 where exact" if self.bf16_gemm else "fp32"
         att = f"QK^T and PV quantized in {len(self.attention)}/{self.num_attention} attention cores"
         d["attention"] = att if self.cfg.quantize_attention else "QK^T and PV in high precision"
+        if overrides := {n: o for n in self.report.converted if (o := layer_override(self.cfg, n)[1])}:
+            d["layer_formats"] = overrides  # converted layer -> the role fields its key replaces
         if self.delayed is not None:
             d["delayed_scaling_tensors"] = len(self.delayed.names)
         return d
@@ -314,44 +323,42 @@ class QuantizedRecipe(Recipe):
             if isinstance(getattr(m, "core", None), nn.Module) and hasattr(m, "head_dim")
         ]
 
-    def _role(
-        self, fmt: str | None, *, tensor: str, grad: bool = False, two_d: bool = False
-    ) -> RoleQuantizer | None:
-        """The quantizer of one operand (its kind's factory); ``tensor`` = ``"<layer>/<role>"``."""
+    def _role(self, fmt: str | None, *, tensor: str, grad: bool = False, two_d: bool = False,
+              cfg: RecipeConfig | None = None) -> RoleQuantizer | None:  # fmt: skip
+        """The quantizer of one operand (its kind's factory); ``tensor`` = ``"<layer>/<role>"``,
+        ``cfg`` the layer's settings (``layer_config``; default: the recipe's)."""
         if fmt is None:
             return None
-        req = RoleRequest(resolve_same(self.cfg), fmt, tensor, grad=grad, two_d=two_d,
+        req = RoleRequest(resolve_same(cfg or self.cfg), fmt, tensor, grad=grad, two_d=two_d,
                           compile=self.compile, sr=self.sr, delayed=self.delayed)  # fmt: skip
         return quantizer_kind(self.cfg).make(req)
 
     def _linear_quantizers(self, name: str) -> LinearQuantizers:
-        """Per-layer quantizers; pure ones (no state, no randomness) are built once and shared,
-        and under ``compile`` run as two compiled graphs per layer shape (forward, backward)."""
-        if self._shared is not None:
-            return self._shared
+        """Per-layer quantizers; pure ones (no state, no randomness) are built once per
+        ``recipe.layer_formats`` key (None: no key) and shared, and under ``compile`` run as two
+        compiled graphs per layer shape (forward, backward)."""
+        key = layer_override(self.cfg, name)[0]
+        if key in self._shared:
+            return self._shared[key]
         qs = self.linear_quantizers(name)
         if qs.pure:
-            if self.compile:  # the bodies are compiled whole; the roles inside run uncompiled
-                qs = dataclasses.replace(
-                    qs, input=_eager(qs.input), weight=_eager(qs.weight), grad_output=_eager(qs.grad_output),
-                    weight_dgrad=_eager(qs.weight_dgrad), input_wgrad=_eager(qs.input_wgrad),
-                    grad_output_wgrad=_eager(qs.wgrad_dy) if qs.split_dy else SAME, compile=True,
-                )  # fmt: skip
-            self._shared = qs
+            qs = qs.compiled_bodies() if self.compile else qs
+            self._shared[key] = qs
         return qs
 
     def linear_quantizers(self, name: str) -> LinearQuantizers:
-        """Layer ``name``'s role quantizers (public: the parity harness reuses them); a dgrad /
-        wgrad copy in the forward role's format shares that role's quantizer."""
-        f, two_d = role_formats(self.cfg), self.cfg.weight_2d_blocks
-        inp = self._role(f["input_format"], tensor=f"{name}/input")
-        w = self._role(f["weight_format"], tensor=f"{name}/weight", two_d=two_d)
+        """Layer ``name``'s role quantizers in its formats (``layer_config``; public: the parity
+        harness reuses them); a dgrad / wgrad copy in the forward role's format shares that role's."""
+        cfg = layer_config(self.cfg, name)
+        f, two_d, role = role_formats(cfg), cfg.weight_2d_blocks, functools.partial(self._role, cfg=cfg)
+        inp = role(f["input_format"], tensor=f"{name}/input")
+        w = role(f["weight_format"], tensor=f"{name}/weight", two_d=two_d)
         g_fmt, gw_fmt = f["grad_output_dgrad_format"], f["grad_output_wgrad_format"]
-        g = self._role(g_fmt, tensor=f"{name}/grad_output", grad=True)
-        gw = SAME if gw_fmt == g_fmt else self._role(gw_fmt, tensor=f"{name}/grad_output", grad=True)
+        g = role(g_fmt, tensor=f"{name}/grad_output", grad=True)
+        gw = SAME if gw_fmt == g_fmt else role(gw_fmt, tensor=f"{name}/grad_output", grad=True)
         wd_fmt, xw_fmt = f["weight_dgrad_format"], f["input_wgrad_format"]
-        wd = w if wd_fmt == f["weight_format"] else self._role(wd_fmt, tensor=f"{name}/weight", two_d=two_d)
-        xw = inp if xw_fmt == f["input_format"] else self._role(xw_fmt, tensor=f"{name}/input")
+        wd = w if wd_fmt == f["weight_format"] else role(wd_fmt, tensor=f"{name}/weight", two_d=two_d)
+        xw = inp if xw_fmt == f["input_format"] else role(xw_fmt, tensor=f"{name}/input")
         transform = hadamard_tokens if self.cfg.wgrad_hadamard else None
         return LinearQuantizers(inp, w, g, wd, xw, transform, grad_output_wgrad=gw, bf16_gemm=self.bf16_gemm)
 
@@ -380,11 +387,6 @@ class QuantizedRecipe(Recipe):
         return MatmulQuantizers(a, b, g, a_bwd, b_bwd)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _amax_allreduce() -> Callable[[torch.Tensor], Any] | None:
     """MAX all-reduce over the default group when torch.distributed runs with world size > 1."""
     import torch.distributed as dist
@@ -392,8 +394,3 @@ def _amax_allreduce() -> Callable[[torch.Tensor], Any] | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return None
-
-
-def _eager(role: RoleQuantizer | None) -> RoleQuantizer | None:
-    """The same role quantizer, not compiled on its own (a compiled body traces it)."""
-    return None if role is None else dataclasses.replace(role, compile=False)  # type: ignore[type-var]

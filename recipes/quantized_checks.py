@@ -3,24 +3,30 @@
 Every error is a ``recipes.errors.ConfigError`` naming the dotted key (``recipe.block_size``)
 and the fix; the trainer prints it as one line before any start-up. What differs by
 ``recipe.quantizer`` is read from its entry in ``recipes.quantizers.QUANTIZER_KINDS`` (element
-family, blocks, tiles, Hadamard). The model-dependent check (block size vs each converted
-layer) is ``QuantizedRecipe.check`` in ``recipes.quantized``.
+family, blocks, tiles, Hadamard). The model-dependent checks (block size vs each converted
+layer, ``check_layer_keys``) run in ``QuantizedRecipe.check`` in ``recipes.quantized``.
+``layer_config`` is the one place ``recipe.layer_formats`` is applied to a layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from recipes.config import OPERAND_FIELDS, ROLE_FORMAT_FIELDS, RecipeConfig, resolve_same
 from recipes.errors import ConfigError
+from recipes.filter import compile_patterns
 from recipes.fp8 import format_for_role
 from recipes.mx import FORMATS, ROUNDINGS, SCALE_RULES
 from recipes.mx.nvfp4 import NVFP4_ORDERS
 from recipes.quantizers import QUANTIZER_KINDS, QuantizerKind
 
-__all__ = ["check_recipe_config", "config_error", "quantizer_kind", "resolve_compile", "role_formats"]
+__all__ = ["check_layer_keys", "check_recipe_config", "config_error", "layer_config", "layer_override",
+           "quantizer_kind", "resolve_compile", "role_formats"]  # fmt: skip
 
 #: role field -> the TE tensor role deciding its FP8 format (E5M2 for grad_output under HYBRID)
 _TE_ROLES = dict(
@@ -35,6 +41,26 @@ def role_formats(cfg: RecipeConfig) -> dict[str, str | None]:
     """The role formats (``ROLE_FORMAT_FIELDS``) with ``same`` resolved."""
     r = resolve_same(cfg)
     return {k: getattr(r, k) for k in ROLE_FORMAT_FIELDS}
+
+
+def layer_override(cfg: RecipeConfig, name: str) -> tuple[str | None, dict[str, str | None]]:
+    """The first ``recipe.layer_formats`` key matching layer ``name`` (the layer filter's match,
+    ``recipes.filter.compile_patterns``) and its role-format override; ``(None, {})`` if none."""
+    for pat, override in cfg.layer_formats.items():
+        if compile_patterns([pat])[0].search(name):
+            return pat, dict(override)
+    return None, {}
+
+
+def layer_config(cfg: RecipeConfig, name: str) -> RecipeConfig:
+    """The settings converted Linear ``name`` quantizes with: ``cfg`` with its override's role
+    fields replaced (``same`` still unresolved), or ``cfg`` itself where no key matches."""
+    override = layer_override(cfg, name)[1]
+    return _with_formats(cfg, override) if override else cfg
+
+
+def _with_formats(cfg: RecipeConfig, override: dict[str, Any]) -> RecipeConfig:
+    return dataclasses.replace(cfg, **override, layer_formats={})
 
 
 def quantizer_kind(cfg: RecipeConfig) -> QuantizerKind:
@@ -59,12 +85,8 @@ def config_error(key: str, value: object, fix: str) -> ConfigError:
 
 
 def _check_formats(cfg: RecipeConfig, kind: QuantizerKind) -> None:
-    formats = role_formats(cfg)
-    if all(formats[k] is None for gemm in OPERAND_FIELDS.values() for k in gemm):
-        raise config_error(
-            "input_format", None, f"recipe {cfg.name} quantizes nothing: set at least one *_format"
-        )
-    for key, fmt in formats.items():
+    """Each role's format is one of the kind's (the rule for the recipe and for each layer override)."""
+    for key, fmt in role_formats(cfg).items():
         if fmt is None:
             continue
         if kind.family == "mx" and fmt not in FORMATS:
@@ -81,6 +103,44 @@ def _check_formats(cfg: RecipeConfig, kind: QuantizerKind) -> None:
                     fmt,
                     f"recipe.fp8_format={cfg.fp8_format} gives {want} for this role; set {want} or null",
                 )
+
+
+def _show(pat: str, override: object) -> str:
+    return f"{{{pat}: {override}}}"
+
+
+def _check_layer_formats(cfg: RecipeConfig, kind: QuantizerKind) -> None:
+    """``recipe.layer_formats``: regex keys, role-field value keys, formats valid for the kind."""
+    for pat, override in cfg.layer_formats.items():
+        try:
+            compile_patterns([pat])
+        except re.error as e:
+            raise config_error("layer_formats", pat, f"key not a valid regex ({e})") from None
+        shown = _show(pat, override)
+        if bad := [k for k in override if k not in ROLE_FORMAT_FIELDS]:
+            raise config_error("layer_formats", shown, f"{bad[0]} is not a role format field; "
+                               f"map some of {', '.join(ROLE_FORMAT_FIELDS)} to formats")  # fmt: skip
+        try:  # the recipe's own per-field rule, on the layer's merged settings
+            _check_formats(_with_formats(cfg, override), kind)
+        except ConfigError as e:
+            raise config_error("layer_formats", shown, f"for the layers it matches {e}") from None
+
+
+def check_layer_keys(cfg: RecipeConfig, converted: Sequence[str], kept: Sequence[str]) -> None:
+    """Every ``recipe.layer_formats`` key is the first to match some converted Linear: a typo, a
+    key matching only kept layers, or one shadowed by earlier keys would be silently ignored."""
+    used = {layer_override(cfg, name)[0] for name in converted}
+    some = ", ".join(converted[:4]) + (", ..." if len(converted) > 4 else "")
+    for pat in (p for p in cfg.layer_formats if p not in used):
+        match = compile_patterns([pat])[0].search
+        if any(match(n) for n in converted):
+            why = "every converted layer it matches takes an earlier key's override (the first match applies)"
+        elif hit := [n for n in kept if match(n)]:
+            why = (f"it matches only layers kept in high precision ({', '.join(hit)}), which it does not "
+                   f"convert; converted layers are named like {some or '(none)'}")  # fmt: skip
+        else:
+            why = f"it matches no converted Linear layer; they are named like {some or '(none)'}"
+        raise config_error("layer_formats", pat, why)
 
 
 def _check_numbers(cfg: RecipeConfig, kind: QuantizerKind) -> None:
@@ -172,7 +232,13 @@ def check_recipe_config(cfg: RecipeConfig) -> None:
         )
     kind = quantizer_kind(cfg)
     _check_numbers(cfg, kind)
+    formats = role_formats(cfg)
+    if all(formats[k] is None for gemm in OPERAND_FIELDS.values() for k in gemm):
+        raise config_error(
+            "input_format", None, f"recipe {cfg.name} quantizes nothing: set at least one *_format"
+        )
     _check_formats(cfg, kind)
+    _check_layer_formats(cfg, kind)
     _check_block_size(cfg, kind)
     f = role_formats(cfg)
     if cfg.quantize_attention and f["grad_output_dgrad_format"] != f["grad_output_wgrad_format"]:
@@ -186,11 +252,12 @@ def check_recipe_config(cfg: RecipeConfig) -> None:
 
 def check_block_dims(cfg: RecipeConfig, converted: dict[str, nn.Linear]) -> None:
     """The block size divides every converted layer's reduction dims (K for the forward, N for
-    dgrad) where that GEMM quantizes something; wgrad reduces over tokens (padded)."""
-    f = role_formats(cfg)
-    fwd = f["input_format"] is not None or f["weight_format"] is not None
-    dgrad = f["grad_output_dgrad_format"] is not None or f["weight_dgrad_format"] is not None
+    dgrad) where that GEMM quantizes something (in the layer's formats, ``layer_config``); wgrad
+    reduces over tokens (padded)."""
     for name, lin in converted.items():
+        f = role_formats(layer_config(cfg, name))
+        fwd = f["input_format"] is not None or f["weight_format"] is not None
+        dgrad = f["grad_output_dgrad_format"] is not None or f["weight_dgrad_format"] is not None
         for on, dim, what in (
             (fwd, lin.in_features, "in_features"),
             (dgrad, lin.out_features, "out_features"),
@@ -208,9 +275,10 @@ def padded_wgrad(cfg: RecipeConfig, converted: list[str], tokens: int) -> dict[s
     """The wgrad GEMMs of ``converted`` layers that zero-pad their reduction dim (tokens per
     micro-batch) to whole blocks: blocked kinds whose wgrad quantizes an operand along tokens.
     Padding never raises a block's amax; it is reported, not refused (TE pads too)."""
-    f, b = role_formats(cfg), cfg.block_size
-    wgrad = f["grad_output_wgrad_format"] is not None or f["input_wgrad_format"] is not None
-    if not (quantizer_kind(cfg).blocked and b and wgrad and tokens % b):
+    b = cfg.block_size
+    if not (quantizer_kind(cfg).blocked and b and tokens % b):
         return {}
     note = f"tokens {tokens} -> {tokens + (-tokens) % b} (block {b})"
-    return {f"{name}.wgrad": note for name in converted}
+    wgrad = {name: role_formats(layer_config(cfg, name)) for name in converted}
+    return {f"{n}.wgrad": note for n, f in wgrad.items()
+            if f["grad_output_wgrad_format"] is not None or f["input_wgrad_format"] is not None}  # fmt: skip

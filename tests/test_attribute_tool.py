@@ -92,6 +92,13 @@ def test_planted_wgrad_effect_is_attributed_to_wgrad(tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(
         ["bf16", "fwd", "dgrad", "wgrad", "fwd+dgrad", "fwd+wgrad", "dgrad+wgrad", "fwd+dgrad+wgrad"]
     )
+    # the sweep report on the tool's directory shows the attribution beside the member comparison
+    rep = subprocess.run([sys.executable, "-m", "train.report", str(out), "--no-plots"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    page = (out / "report" / "index.html").read_text()
+    assert "<h2 id='attribution'>Which GEMM" in page and "<img src='attribution.png'" in page
+    assert (out / "report" / "attribution.png").stat().st_size > 1000
     # the same command again trains nothing: every member is read back
     again = tool("--seeds", "2", "--out", str(out), "--last-k", "10", *PLANTED, *FAST, timeout=300)
     assert again.returncode == 0 and "0 to train, 16 done" in again.stdout, again.stdout[-2000:]

@@ -23,27 +23,25 @@ read back, not trained again, so the same command resumes. Per seed, the gap of 
 steps), and ``train.review.attribution`` turns the eight gaps into each GEMM's Shapley share,
 ``only g`` and ``all but g`` gaps, each with mean, standard error and interval over the seeds and
 the report's verdict rule (``--z``). Written to ``<out>``: ``attribution.json``,
-``attribution.md`` and ``attribution.png`` (the shares with their intervals).
+``attribution.md`` and ``attribution.png`` (the shares with their intervals). The plan (runs to
+train, runs done) prints first; each member then prints its runs and the time left, estimated
+from the runs trained so far (``train.ablation.Progress``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from recipes.config import OPERAND_FIELDS
 from recipes.errors import ConfigError
 from recipes.quantized_checks import role_formats
+from train.ablation import ROOT, Progress, completed, seed_gap, without_recipe
 from train.cli import config_error_exit, split_override, tool_args
 from train.review.attribution import GEMMS, SUBSETS, attribute, render, subset_name, to_json
-from train.review.series import read_series
-from train.review.verdict import seed_delta
-from train.sweep_index import run_state
 
-ROOT = Path(__file__).resolve().parents[1]
 #: overrides the tool sets itself (a user value would be silently replaced)
 OWNED = ("trainer.seed", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
 
@@ -54,8 +52,7 @@ def member_overrides(
     """The overrides of one subset's runs: the user's, then the role fields of the GEMMs it leaves
     in high precision set to null (BF16: the user's recipe overrides replaced by ``+recipe=bf16``)."""
     if not subset:
-        kept = [o for o in user if not (split_override(o) or ("",))[0].startswith("recipe")]
-        return [*kept, "+recipe=bf16"]
+        return [*without_recipe(user), "+recipe=bf16"]
     out = [*user, f"recipe.name={name}.{subset_name(subset)}"]
     for gemm, fields in OPERAND_FIELDS.items():
         for key in fields:
@@ -67,10 +64,6 @@ def member_overrides(
 def effective(formats: dict[str, str | None]) -> set[str]:
     """The GEMMs the recipe quantizes at all (one of their two operands has a format)."""
     return {g for g, fields in OPERAND_FIELDS.items() if any(formats[k] is not None for k in fields)}
-
-
-def completed(run_dir: Path) -> bool:
-    return run_state(run_dir)[0] == "completed"
 
 
 def _refuse(key: str, value: object, fix: str) -> None:
@@ -114,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             True,
             "the attention matmuls are not one of the three GEMMs; set it false",
         )
+    if rec.layer_formats:
+        _refuse("recipe.layer_formats", dict(rec.layer_formats), "attribution switches the recipe's GEMM roles, "
+                "which per-layer formats would override; drop them (or attribute a preset without them)")  # fmt: skip
     formats = role_formats(rec)
     active = effective(formats)
     out = (args.out or ROOT / "outputs" / "attribute" / rec.name).resolve()
@@ -134,28 +130,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: seeds {todo or 'done'}")
         return 0
     failed = []
-    for i, (subset, name, todo) in enumerate(plan, 1):
-        if not todo:
-            continue
-        print(f"[{i}/{len(plan)}] {name}: seeds {','.join(map(str, todo))}", flush=True)
-        cmd = [sys.executable, "train/run.py", "-m", *member_overrides(user, formats, rec.name, subset),
-               f"trainer.seed={','.join(map(str, todo))}", f"hydra.sweep.dir={out / name}",
-               "hydra.sweep.subdir=seed${trainer.seed}"]  # fmt: skip
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+    progress = Progress("train.attribute", runs)
+    for subset, name, todo in plan:
+        if todo and not progress.run_member(
+            name, member_overrides(user, formats, rec.name, subset), seeds, out / name
+        ):
             failed.append(name)
     gaps: dict[frozenset[str], dict[int, float]] = {}
     for subset in SUBSETS[1:]:
         eff = tuple(g for g in subset if g in active)
         for s in seeds:
             ref, run = out / "bf16" / f"seed{s}", out / subset_name(eff) / f"seed{s}"
-            if not completed(ref) or not (completed(run) or not eff):
-                continue
             if not eff:  # the same run as BF16: no gap by construction
-                gaps.setdefault(frozenset(subset), {})[s] = 0.0
+                if completed(ref):
+                    gaps.setdefault(frozenset(subset), {})[s] = 0.0
                 continue
-            a, b = read_series(run / "metrics.jsonl"), read_series(ref / "metrics.jsonl")
-            d = seed_delta(*a.get("train/loss"), *b.get("train/loss"), k=args.last_k)
-            if d is not None:
+            if (d := seed_gap(run, ref, last_k=args.last_k)) is not None:
                 gaps.setdefault(frozenset(subset), {})[s] = d
     result = attribute(gaps, z=args.z)
     text = render(result)

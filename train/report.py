@@ -10,7 +10,9 @@ terminal summary, with a verdict per recipe calibrated to seed noise (``train.re
 Writes ``<out>/index.html`` (default ``SWEEP_DIR/report``) with PNG plots beside it,
 ``summary.csv``, ``summary.md`` and ``wandb_report.json``; saves the W&B Report only when online
 credentials are present (and prints its URL). Runs in progress, failed, with NaN, without a
-reference or with a different model/data are listed with what they are, never a crash.
+reference or with a different model/data are listed with what they are, never a crash. On the
+``--out`` directory of ``train.attribute`` or ``train.sensitivity`` the page also shows that
+tool's answer (``train.review.ablations``).
 """
 
 from __future__ import annotations
@@ -120,7 +122,10 @@ def build(args: argparse.Namespace, cfg: ReportConfig) -> Path:
         plots = figures(cmp, title=title)
         save(plots, out)
     write_tables(out, cmp)
-    page = write_page(out, cmp, runs, plots, title=title)
+    from train.review.ablations import sections
+
+    extras = sections([Path(x) for x in args.paths or []], out)
+    page = write_page(out, cmp, runs, plots, title=title, extras=extras)
     _wandb_report(cmp, args, out, title=title, group=sweep, runs=runs)
     print_table(cmp, title=title)
     print(f"lowbit: report {page} ({len(plots)} plots, {time.perf_counter() - t0:.1f} s)", flush=True)

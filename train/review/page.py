@@ -11,6 +11,7 @@ import html
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,11 @@ def _runs_html(runs: list[Run], out_dir: Path) -> str:
     return "\n".join(out) + "</table>"
 
 
-def write_page(out_dir: Path, cmp: Comparison, runs: list[Run], plots: list[Any], *, title: str) -> Path:
+def write_page(out_dir: Path, cmp: Comparison, runs: list[Run], plots: list[Any], *, title: str,
+               extras: Sequence[tuple[str, str, str]] = ()) -> Path:  # fmt: skip
     """``index.html`` with the summary table, every plot (``plots``: objects with ``name`` and
-    ``question``, saved as ``<name>.png`` in ``out_dir``) and every run with its state."""
+    ``question``, saved as ``<name>.png`` in ``out_dir``), the ablation tools' answers (``extras``:
+    ``(id, question, html)``, ``train.review.ablations``) and every run with its state."""
     rule = RULE.format(k=cmp.config.last_k, z=cmp.config.z)
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -102,6 +105,8 @@ def write_page(out_dir: Path, cmp: Comparison, runs: list[Run], plots: list[Any]
     for p in plots:
         parts.append(f"<h2 id='{p.name}'>{html.escape(p.question)}</h2>")
         parts.append(f"<img src='{p.name}.png' alt='{html.escape(p.question)}'>")
+    for sid, question, body in extras:
+        parts += [f"<h2 id='{sid}'>{html.escape(question)}</h2>", body]
     parts += ["<h2>Runs</h2>", _runs_html(runs, out_dir), "</body></html>"]
     path = out_dir / "index.html"
     path.write_text("\n".join(parts) + "\n")

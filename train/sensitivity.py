@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             break
         evaluate(k, candidate(k))
         used += s
-    res = outcome(n, evaluated, args.target_gap)
+    res: dict = {"status": "failed", "k": None} if failed else outcome(n, evaluated, args.target_gap)
     answer = {"status": res["status"], "k": res["k"], "runs": used}
-    text = _conclusion(res, evaluated, ranked, args, used=used, seeds=s, steps=steps)
+    text = _conclusion(res, evaluated, ranked, args, used=used, seeds=s, steps=steps, failed=failed)
     if res["status"] in ("met", "all_layers"):
         keep = ranked[: res["k"]]
         head = (f"# train.sensitivity: {rec.name} with {len(keep)} layers in BF16; gap target {args.target_gap:g} "
@@ -293,9 +293,13 @@ def _cell(g: Gap | None, *, verdict: bool = True) -> str:
 
 
 def _conclusion(res: dict, evaluated: dict[int, Gap], ranked: list[str], args: argparse.Namespace, *,
-                used: int, seeds: int, steps: int) -> str:  # fmt: skip
+                used: int, seeds: int, steps: int, failed: list[str]) -> str:  # fmt: skip
     st, k, t = res["status"], res["k"], args.target_gap
     runs = f"{used} runs of a budget of {args.budget}"
+    if st == "failed":
+        return (
+            f"**No answer: runs failed** ({', '.join(failed)}); fix them and run the same command to resume."
+        )
     if st == "not_separable":
         return (f"**Not separable from seed noise at this scale**: the recipe's gap {_cell(evaluated[0])} is "
                 f"indistinguishable ({seeds} seeds, {steps} steps), so no layer's share can be told from noise; "

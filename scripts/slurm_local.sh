@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# A real single-node Slurm cluster on this machine, without systemd (CI, laptops, dev VMs).
+# A real Slurm cluster on this machine, without systemd (CI, laptops, dev VMs): one node for the
+# machine itself (partition debug) and, where the kernel lets root create network namespaces, two
+# more nodes lbn1 and lbn2 (partition multi), each a slurmd in its own network and UTS namespace
+# (its own hostname and IP, 10.77.0.11 and .12) on a private bridge lbbr0 (10.77.0.1, the
+# controller's address). Traffic stays on this machine; `stop` removes the bridge and namespaces.
+# A 2-node job (`sbatch -p multi -N 2`) then rendezvouses across hosts as on a real cluster.
 #
 #   bash scripts/slurm_local.sh start    install packages if needed, configure, start munged/slurmctld/slurmd
 #   bash scripts/slurm_local.sh status   daemons, sinfo, squeue
@@ -23,6 +28,9 @@
 #   SLURM_CI_SACCT_SHIM=1      install scripts/sacct_shim.py as /usr/local/bin/sacct when no real
 #                              sacct works (no slurmdbd here; submitit hangs on dead jobs without it)
 #   SLURM_CI_WAIT_S=30         how long `start` waits for the node to become idle
+#   SLURM_CI_NET_NODES=2       namespace nodes in partition multi (0: none). When they cannot be
+#                              made (no CAP_NET_ADMIN, no `ip`), `start` says why, writes the reason
+#                              to $STATE/net_nodes.unavailable and starts the single node only.
 set -euo pipefail
 
 CPUS=${SLURM_CI_CPUS:-4}
@@ -31,6 +39,7 @@ STATE=${SLURM_CI_STATE:-/var/spool/slurm-local}
 CRED_EXPIRE=${SLURM_CI_CRED_EXPIRE:-10}
 SACCT_SHIM=${SLURM_CI_SACCT_SHIM:-1}
 WAIT_S=${SLURM_CI_WAIT_S:-30}
+NET_NODES=${SLURM_CI_NET_NODES:-2}
 
 CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
@@ -38,10 +47,14 @@ MARKER="# written by lowbit scripts/slurm_local.sh"
 MUNGE_RUN=/run/munge
 MUNGE_PID=$MUNGE_RUN/munged.pid
 CTLD_PID=$STATE/run/slurmctld.pid
-SLURMD_PID=$STATE/run/slurmd.pid
+NODE=$(hostname -s)
+SLURMD_PID=$STATE/run/slurmd-$NODE.pid   # SlurmdPidFile=$STATE/run/slurmd-%n.pid
+BRIDGE=lbbr0
+NET_PREFIX=10.77.0
+NET_WHY=$STATE/net_nodes.unavailable
+HOSTS_MARK="# lowbit slurm_local net node"
 SHIM_DST=/usr/local/bin/sacct
 SHIM_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/sacct_shim.py"
-NODE=$(hostname -s)
 
 log() { printf '[slurm_local] %s\n' "$*"; }
 die() { printf '[slurm_local] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -55,7 +68,7 @@ pid_alive() {  # pid_alive PIDFILE -> 0 when the file names a live process
 
 cluster_up() { timeout 5 sinfo -h >/dev/null 2>&1; }
 
-node_state() { timeout 5 sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -n1; }
+node_state() { timeout 5 sinfo -h -n "${1:-$NODE}" -o '%T' 2>/dev/null | head -n1; }
 
 install_packages() {
     local need=()
@@ -80,6 +93,79 @@ ensure_hostname() {
         log "adding '127.0.0.1 $NODE' to /etc/hosts (slurmd and MASTER_ADDR need the short hostname)"
         printf '127.0.0.1 %s\n' "$NODE" >>/etc/hosts
     fi
+}
+
+net_names() { local i; for ((i = 1; i <= NET_NODES; i++)); do echo "lbn$i"; done; }
+
+net_nodes_on() { [[ $NET_NODES -gt 0 && ! -e $NET_WHY ]]; }
+
+net_down() {  # remove the namespaces, the bridge and the hosts lines (idempotent)
+    local n kept
+    for n in $(net_names); do
+        ip netns del "$n" 2>/dev/null || true
+    done
+    ip link del "$BRIDGE" 2>/dev/null || true
+    if grep -qF "$HOSTS_MARK" /etc/hosts 2>/dev/null; then
+        # /etc/hosts may be a bind mount (containers): rewrite it in place, never replace the file
+        kept=$(grep -vF "$HOSTS_MARK" /etc/hosts)
+        printf '%s\n' "$kept" >/etc/hosts
+    fi
+}
+
+net_up() {  # the bridge and one namespace per net node; on failure: the reason in $NET_WHY, return 1
+    local i n why=""
+    rm -f "$NET_WHY"
+    if [[ $NET_NODES == 0 ]]; then
+        echo "SLURM_CI_NET_NODES=0: no namespace nodes asked for" >"$NET_WHY"
+        return 0
+    fi
+    [[ $NET_NODES =~ ^[0-9]+$ && $NET_NODES -le 8 ]] || die "SLURM_CI_NET_NODES must be 0-8, got '$NET_NODES'"
+    command -v ip >/dev/null || why="no 'ip' command (Debian package iproute2)"
+    command -v unshare >/dev/null || why=${why:-"no 'unshare' command (util-linux)"}
+    if [[ -z $why ]]; then
+        net_down
+        if ! { ip link add "$BRIDGE" type bridge && ip addr add "$NET_PREFIX.1/24" dev "$BRIDGE" &&
+            ip link set "$BRIDGE" up; } 2>"$STATE/log/net_up.err"; then
+            why="cannot create bridge $BRIDGE: $(head -c 300 "$STATE/log/net_up.err") (needs CAP_NET_ADMIN)"
+        fi
+    fi
+    for ((i = 1; i <= NET_NODES; i++)); do
+        [[ -z $why ]] || break
+        n=lbn$i
+        if ! { ip netns add "$n" && ip link add "lbv$i" type veth peer name eth0 netns "$n" &&
+            ip link set "lbv$i" master "$BRIDGE" up && ip -n "$n" addr add "$NET_PREFIX.$((10 + i))/24" dev eth0 &&
+            ip -n "$n" link set eth0 up && ip -n "$n" link set lo up; } 2>"$STATE/log/net_up.err"; then
+            why="cannot create network namespace $n: $(head -c 300 "$STATE/log/net_up.err")"
+        elif ! nsenter --net="/run/netns/$n" unshare --uts true 2>"$STATE/log/net_up.err"; then
+            why="cannot create a UTS namespace in $n: $(head -c 300 "$STATE/log/net_up.err")"
+        else
+            printf '%s %s %s\n' "$NET_PREFIX.$((10 + i))" "$n" "$HOSTS_MARK" >>/etc/hosts
+        fi
+    done
+    if [[ -n $why ]]; then
+        net_down
+        printf '%s\n' "$why" >"$NET_WHY"
+        log "no namespace nodes: $why; starting the single node only"
+        return 1
+    fi
+    log "namespace nodes $(net_names | paste -sd' ' -) on bridge $BRIDGE ($NET_PREFIX.0/24)"
+}
+
+start_net_slurmds() {
+    local n
+    net_nodes_on || return 0
+    for n in $(net_names); do
+        if pid_alive "$STATE/run/slurmd-$n.pid"; then
+            log "slurmd $n already running (pid $(<"$STATE/run/slurmd-$n.pid"))"
+            continue
+        fi
+        log "starting slurmd $n in its network and UTS namespaces"
+        mkdir -p "$STATE/slurmd/$n"
+        # its own hostname: gloo/NCCL and MASTER_ADDR resolve it to the namespace's address
+        # nsenter, not `ip netns exec`: the latter remounts /sys, hiding /sys/fs/cgroup from slurmd
+        timeout 30 nsenter --net="/run/netns/$n" unshare --uts sh -c "hostname $n && exec slurmd -N $n" ||
+            die "slurmd $n failed; see $STATE/log/slurmd-$n.log"
+    done
 }
 
 start_munge() {
@@ -116,7 +202,7 @@ write_conf() {
     local mem_mb
     mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
     [[ $CPUS =~ ^[0-9]+$ && $CPUS -ge 1 ]] || die "SLURM_CI_CPUS must be a positive integer, got '$CPUS'"
-    mkdir -p "$CONF_DIR" "$STATE"/{ctld,slurmd,log,run}
+    mkdir -p "$CONF_DIR" "$STATE"/{ctld,slurmd/"$NODE",log,run}
     if [[ -f $CONF ]] && ! grep -qF "$MARKER" "$CONF"; then
         local bak
         bak="$CONF.bak.$(date +%s)"
@@ -124,10 +210,12 @@ write_conf() {
         cp -p "$CONF" "$bak"
     fi
     log "writing $CONF (NodeName=$NODE CPUs=$CPUS on $(nproc) cores, RealMemory=$mem_mb MB)"
+    local ctl_host=$NODE
+    if net_nodes_on; then ctl_host="$NODE($NET_PREFIX.1)"; fi  # the namespace nodes reach it on the bridge
     cat >"$CONF" <<EOF
 $MARKER
 ClusterName=lowbit-local
-SlurmctldHost=$NODE
+SlurmctldHost=$ctl_host
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -148,14 +236,21 @@ MinJobAge=3600
 KillWait=10
 MailProg=/bin/true
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/slurmd
+SlurmdSpoolDir=$STATE/slurmd/%n
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=$STATE/run/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 NodeName=$NODE CPUs=$CPUS RealMemory=$mem_mb State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
+    if net_nodes_on; then
+        local i
+        for ((i = 1; i <= NET_NODES; i++)); do
+            echo "NodeName=lbn$i NodeAddr=$NET_PREFIX.$((10 + i)) NodeHostname=lbn$i CPUs=2 RealMemory=$((mem_mb / 4)) State=UNKNOWN" >>"$CONF"
+        done
+        echo "PartitionName=multi Nodes=$(net_names | paste -sd, -) MaxTime=INFINITE State=UP OverSubscribe=NO" >>"$CONF"
+    fi
 }
 
 install_sacct_shim() {
@@ -176,20 +271,20 @@ install_sacct_shim() {
     mv -f "$SHIM_DST.tmp" "$SHIM_DST"
 }
 
-wait_idle() {
-    local i st=""
+wait_idle() {  # wait_idle [NODE]
+    local i st="" node=${1:-$NODE}
     for ((i = 0; i < WAIT_S * 2; i++)); do
-        st=$(node_state || true)
+        st=$(node_state "$node" || true)
         case $st in
-            idle | mixed | allocated) log "node $NODE is $st after ~$((i / 2)) s"; return 0 ;;
+            idle | mixed | allocated) log "node $node is $st after ~$((i / 2)) s"; return 0 ;;
             drain* | down*)
                 # e.g. a stale DOWN from an old state file: resume it once
-                timeout 5 scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true ;;
+                timeout 5 scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true ;;
         esac
         sleep 0.5
     done
     timeout 5 sinfo -R 2>/dev/null || true
-    die "node $NODE not idle after ${WAIT_S}s (state '${st:-no answer}'); see $STATE/log/slurmctld.log and slurmd.log"
+    die "node $node not idle after ${WAIT_S}s (state '${st:-no answer}'); see $STATE/log/slurmctld.log and slurmd-$node.log"
 }
 
 cmd_start() {
@@ -205,6 +300,8 @@ cmd_start() {
     if pid_alive "$CTLD_PID"; then
         log "slurmctld already running (pid $(<"$CTLD_PID"))"
     else
+        mkdir -p "$STATE"/{log,run}
+        net_up || true
         write_conf
         log "starting slurmctld -c (empty job table)"
         timeout 30 slurmctld -c || die "slurmctld failed; see $STATE/log/slurmctld.log"
@@ -213,9 +310,14 @@ cmd_start() {
         log "slurmd already running (pid $(<"$SLURMD_PID"))"
     else
         log "starting slurmd"
-        timeout 30 slurmd || die "slurmd failed; see $STATE/log/slurmd.log"
+        timeout 30 slurmd || die "slurmd failed; see $STATE/log/slurmd-$NODE.log"
     fi
+    start_net_slurmds
     wait_idle
+    if net_nodes_on; then
+        local n
+        for n in $(net_names); do wait_idle "$n"; done
+    fi
     install_sacct_shim
     timeout 5 sinfo
 }
@@ -254,6 +356,11 @@ cmd_stop() {
         fi
     fi
     stop_pidfile slurmd "$SLURMD_PID"
+    local n
+    for n in $(net_names); do
+        if [[ -e $STATE/run/slurmd-$n.pid ]]; then stop_pidfile "slurmd $n" "$STATE/run/slurmd-$n.pid"; fi
+    done
+    net_down
     stop_pidfile slurmctld "$CTLD_PID"
     stop_pidfile munged "$MUNGE_PID"
     # daemons whose pid file was lost are not ours to stop by name (they may be another
@@ -307,6 +414,11 @@ cmd_smoke() {
     log "4/4 sacct -j $jid"
     out=$(timeout 15 sacct -o JobID,State,NodeList --parsable2 -j "$jid") || die "sacct failed"
     grep -q "^$jid|COMPLETED|" <<<"$out" || die "sacct did not report $jid COMPLETED: $out"
+    if net_nodes_on && timeout 5 sinfo -h -p multi >/dev/null 2>&1; then
+        log "5/5 srun -p multi -N2 -l hostname (two namespace nodes)"
+        out=$(timeout 60 srun -p multi -N2 -l hostname | sort) || die "srun -p multi -N2 failed"
+        [[ $out == "0: lbn1"$'\n'"1: lbn2" ]] || die "srun -p multi -N2 printed: $out"
+    fi
     log "smoke passed in $((SECONDS - t0)) s"
     cd / && rm -rf "$dir"
 }

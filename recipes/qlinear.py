@@ -17,8 +17,9 @@ wgrad        ``dW = Q_gw(dY)^T @ Q_xw(x)``                 tokens M (axis 0 of b
 
 * Inputs arrive in the engine dtype (BF16 under DeepSpeed's bf16 mode). Each
   operand is upcast to FP32, quantize-dequantized in FP32, and the GEMM runs
-  on the dequantized FP32 values (FP32 accumulation, as tensor cores
-  accumulate MX/FP8 products); the result is rounded once to the input dtype.
+  on the dequantized FP32 values (FP32 accumulation, as MX and block-scaled FP8 tensor-core
+  GEMMs and TE's dgrad / wgrad accumulate; TE's per-tensor FP8 forward on Hopper accumulates in
+  reduced precision, not emulated); the result is rounded once to the input dtype.
 * BF16 GEMMs (``LinearQuantizers.bf16_gemm``, ``recipe.emulated_gemm``): where the engine
   dtype is BF16 and both operands of a GEMM are *exactly* representable in BF16, the GEMM
   runs on BF16 tensors instead (FP32 accumulation, one rounding to BF16: the same values in,

@@ -66,7 +66,8 @@ Scale granularity and rule, per ``recipe.quantizer``:
   every micro-batch, TE's cadence) and amax-reduced (MAX) across data-parallel
   ranks; evaluation forwards do not record amaxes.
 * ``fp8_rowwise``: one scale per row along the reduction dim, power-of-2,
-  amax floor 1e-12 (torchao ``rowwise``).
+  amax floor 1e-12 (torchao ``rowwise``'s layout; power-of-2 rounding by bit mask, which differs
+  from torchao's FP32 ``log2`` just below a power of two: ``recipes.fp8.blockwise``).
 * ``fp8_block``: 1 x ``block_size`` activation / gradient blocks along the
   reduction dim and ``block_size``-square weight tiles, power-of-2 FP32 scales
   (TE ``Float8BlockScaling``).
@@ -79,7 +80,9 @@ whole forward/backward GEMM bodies for pure quantizers (MX, NVFP4 and FP8 curren
 without stochastic rounding), the pure parts of each quantizer otherwise. Same bits as eager.
 
 Not emulated: TE's FP8 storage of weights and activations between ops, its fused kernels'
-FP32 accumulation order, and FP8 attention scales (``fp8_dpa``).
+accumulation (FP32 split accumulation for dgrad / wgrad and block scaling; TE's per-tensor FP8
+forward GEMM on Hopper runs with ``use_split_accumulator=False``, reduced-precision accumulation,
+which lowbit's FP32 accumulation does not reproduce), and FP8 attention scales (``fp8_dpa``).
 """
 
 from __future__ import annotations

@@ -4,11 +4,14 @@ Numerics (NVIDIA's two-level recipe). Two orders of the FP32 scale arithmetic ar
 they differ by one ulp in the per-element factor, which flips an element that lands on an E2M1
 rounding midpoint (about 0.2 % of elements of BF16 normal inputs):
 
-``order="te"`` (the default; Transformer Engine's ``NVFP4BlockScaling`` kernels and its
-pure-PyTorch reference quantizer ``NVFP4QuantizerRef._quantize_blockwise_reference``):
+``order="te"`` (the default; Transformer Engine's pure-PyTorch reference quantizer
+``NVFP4QuantizerRef._quantize_blockwise_reference``, tested against a transcription of it; TE's
+``NVFP4BlockScaling`` CUDA kernels are meant to compute the same, unverified here: no Blackwell GPU):
 
 * Global encode scale ``S_enc = min(2688 / amax_t, FLT_MAX)`` (2688 = 6 x 448, float32), where
-  ``amax_t`` is the max of the *finite* block amaxes; ``S_enc = 1`` where it is 0. An all-zero or
+  ``amax_t`` is the max of the *finite* block amaxes (lowbit's choice: TE's reference takes the max
+  over every element, so an Inf there gives ``S_enc = 2688 / inf = 0 -> 1``); ``S_enc = 1`` where
+  it is 0. An all-zero or
   tiny tensor is therefore quantized normally (``S_enc`` capped at FLT_MAX), never flushed.
 * Block scale (16 elements along ``axis``, last block zero-padded):
   ``s_b = e4m3(min(min(amax_b * (S_enc * fp32(1/6)), FLT_MAX), 448))``, the cast rounding to
@@ -21,16 +24,17 @@ pure-PyTorch reference quantizer ``NVFP4QuantizerRef._quantize_blockwise_referen
 
 ``order="torchao"`` (torchao's ``nvfp4_quantize``, kept for comparisons with torchao):
 
-* ``s_t = amax_t / 2688``; if ``s_t`` is 0 or ``1 / s_t`` overflows, ``s_t = 1`` (every block of
-  such a tensor then underflows to zero).
+* ``s_t = amax_t / 2688``; lowbit's addition, not torchao's: if ``s_t`` is 0 or ``1 / s_t``
+  overflows, ``s_t = 1`` (every block of such a tensor then underflows to zero; torchao itself
+  returns NaN for an all-zero tensor and garbage for a ~1e-37 one).
 * ``s_b = e4m3(clamp((amax_b / 6) / s_t, 2^-6, 448))``: torchao clamps block scales below at
   E4M3's smallest normal.
 * Factor ``(1 / s_t) / s_b``; output ``w * (s_t * s_b)``.
 
 Both: elements ``v = x * factor`` saturate to +-6 and round onto the E2M1 grid
 {0, 0.5, 1, 1.5, 2, 3, 4, 6} with ``rounding`` (same modes as ``quantize_mx``); every product is
-a float32 rounding. A block holding NaN or +-Inf dequantizes to all NaN (it is left out of
-``amax_t``). ``per_tensor_scale`` fixes ``s_t`` (TE order: ``S_enc = min(1 / s_t, FLT_MAX)``).
+a float32 rounding. A block holding NaN or +-Inf dequantizes to all NaN (lowbit leaves it out of
+``amax_t``; see ``S_enc`` above for TE's reference). ``per_tensor_scale`` fixes ``s_t`` (TE order: ``S_enc = min(1 / s_t, FLT_MAX)``).
 
 2-D weight tiles (:func:`quantize_nvfp4_2d`, TE's NVFP4 weights): the same arithmetic with the
 block amax taken over a 16 x 16 tile of a 2-D tensor, so one quantized copy serves the forward

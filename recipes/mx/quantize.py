@@ -22,10 +22,12 @@ Per block, with ``amax = max|x|`` over the block and the element format's
      count as -127, which the clamp below makes irrelevant).
    * ``"ceil"`` (torchao CEIL): ``se = ceil(log2 amax) - emax``, exact.
      torchao adds one to the exponent field when the mantissa is non-zero;
-     identical except for fp32-subnormal amax, where lowbit is exact.
+     the pre-clamp exponents differ only for amax <= 2^-127; after the clamp
+     the scales are identical.
    * ``"rceil"`` (torchao RCEIL = NVIDIA cuBLAS / MXFP8 "round-up" rule):
      ``se = ceil(log2(fp32(amax / max_norm)))`` of the float32 quotient
-     (exact ceil of that value, as ``cvt.rp.satfinite.ue8m0`` computes it),
+     (exact ceil of that value, as ``cvt.rp.satfinite.ue8m0`` is documented
+     to compute it: unverified here, it is a Blackwell instruction),
      saturated to [-127, 127] (never a NaN scale for finite data). So
      ``amax / X <= max_norm``: nothing saturates, small values may lose bits.
    * ``"even"`` (torchao EVEN): ``"floor"`` applied to amax after rounding
@@ -80,10 +82,11 @@ Deliberate differences from the references (each tested in tests/test_mx_*):
     (overflowing on dequantize) and the rest of the block underflows to 0.
     lowbit makes the whole block NaN, as for NaN.
 (f) torchao's RCEIL (its eager / CPU path) takes ``ceil(torch.log2(d))`` in
-    float32, which rounds ``log2(2^k (1 + 2^-23))`` down to ``k`` for k >= 4:
+    float32, which rounds ``log2(2^k (1 + 2^-23))`` to ``k`` for |k| >= 4
+    (k >= 4 or k <= -5, the common small-amax range of E4M3 blocks):
     a scale one binade too small (that element saturates, small elements
     keep one more bit). lowbit takes the exact ceil of ``d``, as NVIDIA's
-    ``cvt.rp.satfinite.ue8m0x2.f32`` does.
+    ``cvt.rp.satfinite.ue8m0x2.f32`` is documented to (unverified here).
 
 Otherwise lowbit matches microxcaling (``round="nearest"`` / ``"even"``)
 bit for bit, and torchao's ``to_mx`` + dequantize for FLOOR / CEIL / RCEIL /

@@ -373,3 +373,17 @@ def test_state_dict_round_trip():
 def test_delayed_recipe_validation(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         DelayedScaling(**kwargs)
+
+
+def test_power_of_2_rounding_is_a_bit_mask_where_torchao_log2_rounds_up():
+    """Just below 2^k, torchao's FP32 ``exp2(floor(log2 s))`` returns 2^k; TE's bit mask (ours) 2^(k-1)."""
+    from recipes.fp8.scaling import round_scale_down_to_power_of_2
+
+    ao = pytest.importorskip("torchao.float8.float8_utils", reason="torchao is a dev dependency")
+    below = torch.tensor([2.0**k * (1 - 2.0**-24) for k in (3, 10, 20, -5)])
+    ours = round_scale_down_to_power_of_2(below)
+    assert torch.equal(ours, torch.tensor([2.0**k / 2 for k in (3, 10, 20, -5)]))
+    theirs = ao._round_scale_down_to_power_of_2(below)
+    assert torch.equal(theirs[:3], torch.tensor([2.0**3, 2.0**10, 2.0**20]))  # FP32 log2 rounds to k
+    exact = torch.tensor([2.0**k for k in (-3, 0, 7)]) * torch.tensor([1.0, 1.5, 1.9])
+    assert torch.equal(round_scale_down_to_power_of_2(exact), ao._round_scale_down_to_power_of_2(exact))

@@ -82,6 +82,20 @@ def test_difference_d_tiny_blocks_torchao_halves():
     assert ao_qdq(x, "fp8_e4m3")[0, 0].item() == pytest.approx(-2.30e-41, rel=1e-2)
 
 
+def test_difference_d_tiny_blocks_torchao_rceil_scales_by_one():
+    """RCEIL: torchao gives a block whose scale would be 2^-127 the scale 1.0, so its ~1e-40 values
+    underflow every element format to zero; lowbit keeps the 2^-127 scale and the values."""
+    x = torch.zeros(2, 32)
+    x[0, :4] = torch.tensor([-40182.0, 71364.0, 2142.0, 0.0]) * 2.0**-149
+    x[1, :2] = torch.tensor([2.0**-130, -(2.0**-133)])
+    for fmt in AO_DTYPES:
+        ours, theirs = quantize_mx(x, fmt, scale_rule="rceil"), ao_qdq(x, fmt, "rceil")
+        assert torch.all(theirs == 0), fmt
+        assert torch.equal(bits(ours), bits(quantize_mx_reference(x, fmt, scale_rule="rceil")))
+        assert (ours != 0).any() == (fmt != "fp4_e2m1"), fmt  # fp4's 0.5 quantum rounds all to zero
+    assert quantize_mx(x, "fp8_e4m3", scale_rule="rceil")[1, 0].item() == pytest.approx(7.35e-40, rel=1e-2)
+
+
 def test_difference_e_inf_block_torchao_keeps_inf():
     x = torch.ones(2, 32)
     x[0, 3] = float("inf")

@@ -133,3 +133,13 @@ def test_tool_markdown_renders_as_report_html(tmp_path):
     [(sid, question, body)] = sections([tmp_path], out)
     assert sid == "attribution" and question.startswith("Which GEMM") and (out / "attribution.png").exists()
     assert body.startswith("<img src='attribution.png'") and sections([out], out) == []
+
+
+def test_members_do_not_inherit_a_distributed_topology():
+    """A RANK/WORLD_SIZE/MASTER_PORT in the tool's environment (a caller's in-process engine, a torchrun
+    shell) would make every member join it; CI found one holding its port (EADDRINUSE)."""
+    from train.ablation import member_env
+
+    env = member_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "49821", "MASTER_ADDR": "127.0.0.1",
+                      "LOCAL_RANK": "0", "PATH": "/bin", "SLURM_JOB_ID": "7"})  # fmt: skip
+    assert env == {"PATH": "/bin", "SLURM_JOB_ID": "7"}

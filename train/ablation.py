@@ -13,6 +13,7 @@ far (the first one is the measured estimate), the time left for the runs still t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,17 @@ from train.review.verdict import seed_delta
 from train.sweep_index import run_state
 
 ROOT = Path(__file__).resolve().parents[1]
+#: a torchrun-style topology in the tool's environment is not its members': each member is a fresh
+#: top-level run (train.distenv would otherwise join it, e.g. a MASTER_PORT an in-process engine
+#: of the caller still holds: EADDRINUSE)
+TOPOLOGY_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
+
+
+def member_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a member's ``train/run.py``: the tool's, minus :data:`TOPOLOGY_VARS`."""
+    env = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in env.items() if k not in TOPOLOGY_VARS}
 
 
 def completed(run_dir: Path) -> bool:
@@ -65,7 +77,7 @@ class Progress:
         cmd = [sys.executable, "train/run.py", "-m", *overrides, f"trainer.seed={','.join(map(str, todo))}",
                f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=seed${trainer.seed}"]  # fmt: skip
         t0 = time.perf_counter()
-        rc = subprocess.run(cmd, cwd=ROOT).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, env=member_env()).returncode
         self.seconds += time.perf_counter() - t0
         self.done += len(todo)
         return rc == 0 and all(completed(sweep_dir / f"seed{s}") for s in todo)

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from train.cli import split_override
+from recipes.errors import ConfigError
+from train.cli import config_error_exit, split_override
 from train.review.series import read_series
 from train.review.verdict import seed_delta
 from train.sweep_index import run_state
@@ -40,6 +41,27 @@ def member_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 def completed(run_dir: Path) -> bool:
     return run_state(run_dir)[0] == "completed"
+
+
+def refuse(key: str, value: object, fix: str) -> None:
+    """The one-line ``lowbit: config error`` and exit 2."""
+    config_error_exit(ConfigError(key, value, fix))
+
+
+def check_tool_args(tool: str, user: list[str], *, owned: tuple[str, ...], owned_by: str, seeds: int,
+                    positive: dict[str, float]) -> None:  # fmt: skip
+    """What every ablation tool refuses: an override it sets itself (``owned``, set by the flags
+    named in ``owned_by``), fewer than 2 seeds (no noise estimate), and any of ``positive`` (flag ->
+    value, in the order checked) that is not > 0."""
+    for o in user:
+        kv = split_override(o)
+        if kv and kv[0] in owned:
+            refuse(kv[0], kv[1], f"{tool} sets it itself ({owned_by}); drop it")
+    if seeds < 2:
+        refuse("--seeds", seeds, "at least 2: one seed gives no noise estimate")
+    for flag, value in positive.items():
+        if not value > 0:
+            refuse(flag, value, "must be > 0")
 
 
 def without_recipe(user: list[str]) -> list[str]:

@@ -36,10 +36,9 @@ import sys
 from pathlib import Path
 
 from recipes.config import OPERAND_FIELDS
-from recipes.errors import ConfigError
 from recipes.quantized_checks import role_formats
-from train.ablation import ROOT, Progress, completed, seed_gap, without_recipe
-from train.cli import config_error_exit, split_override, tool_args
+from train.ablation import ROOT, Progress, check_tool_args, completed, refuse, seed_gap, without_recipe
+from train.cli import tool_args
 from train.review.attribution import GEMMS, SUBSETS, attribute, render, subset_name, to_json
 
 #: overrides the tool sets itself (a user value would be silently replaced)
@@ -66,10 +65,6 @@ def effective(formats: dict[str, str | None]) -> set[str]:
     return {g for g, fields in OPERAND_FIELDS.items() if any(formats[k] is not None for k in fields)}
 
 
-def _refuse(key: str, value: object, fix: str) -> None:
-    config_error_exit(ConfigError(key, value, fix))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.attribute", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -82,33 +77,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", action="store_true", help="print the plan and exit")
     args, cfg = tool_args(ap, argv)
     user = list(args.overrides)
-    for o in user:
-        kv = split_override(o)
-        if kv and kv[0] in OWNED:
-            _refuse(kv[0], kv[1], "train.attribute sets it itself (--seeds, --out); drop it")
-    if args.seeds < 2:
-        _refuse("--seeds", args.seeds, "at least 2: one seed gives no noise estimate")
-    if args.last_k < 1 or not args.z > 0:
-        _refuse(
-            "--last-k" if args.last_k < 1 else "--z",
-            args.last_k if args.last_k < 1 else args.z,
-            "must be > 0",
-        )
+    check_tool_args("train.attribute", user, owned=OWNED, owned_by="--seeds, --out", seeds=args.seeds,
+                    positive={"--last-k": args.last_k, "--z": args.z})  # fmt: skip
     rec = cfg.recipe
     if rec.quantizer == "none":
-        _refuse(
+        refuse(
             "recipe.quantizer",
             "none",
             "attribution needs a quantized recipe: +recipe=NAME of a quantized preset (conf/recipe/)",
         )
     if rec.quantize_attention:
-        _refuse(
+        refuse(
             "recipe.quantize_attention",
             True,
             "the attention matmuls are not one of the three GEMMs; set it false",
         )
     if rec.layer_formats:
-        _refuse("recipe.layer_formats", dict(rec.layer_formats), "attribution switches the recipe's GEMM roles, "
+        refuse("recipe.layer_formats", dict(rec.layer_formats), "attribution switches the recipe's GEMM roles, "
                 "which per-layer formats would override; drop them (or attribute a preset without them)")  # fmt: skip
     formats = role_formats(rec)
     active = effective(formats)

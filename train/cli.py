@@ -109,21 +109,20 @@ def _group_options(conf_dirs: list[str], group: str) -> list[str]:
     return sorted({p.stem for d in conf_dirs for p in Path(d, group).glob("*.yaml")})
 
 
+def searchpath_entries(overrides: list[str]) -> list[str]:
+    """The entries of ``hydra.searchpath=[...]`` overrides, in order (``file://DIR``, ``pkg://...``)."""
+    return [entry.strip().strip("'\"") for arg in overrides if (kv := split_override(arg)) and kv[0] == "hydra.searchpath"
+            for entry in kv[1].strip("[]").split(",") if entry.strip()]  # fmt: skip
+
+
 def search_dirs(overrides: list[str]) -> list[str] | None:
     """The ``file://`` directories of a ``hydra.searchpath=[...]`` override (where a tool such as
     ``train.sensitivity`` writes presets); None when an entry is not a directory (``pkg://``),
     whose options this check cannot list."""
-    dirs: list[str] = []
-    for arg in overrides:
-        kv = split_override(arg)
-        if kv is None or kv[0] != "hydra.searchpath":
-            continue
-        for entry in kv[1].strip("[]").split(","):
-            entry = entry.strip().strip("'\"")
-            if not entry.startswith("file://"):
-                return None
-            dirs.append(entry.removeprefix("file://"))
-    return dirs
+    entries = searchpath_entries(overrides)
+    if not all(e.startswith("file://") for e in entries):
+        return None
+    return [e.removeprefix("file://") for e in entries]
 
 
 def check_group_choices(overrides: list[str], *, conf_dir: str) -> None:

@@ -43,8 +43,8 @@ from recipes.base import get_recipe
 from recipes.config import RecipeConfig
 from recipes.errors import ConfigError
 from recipes.quantized_checks import layer_override
-from train.ablation import ROOT, Progress, seed_gap, without_recipe
-from train.cli import config_error_exit, split_override, tool_args
+from train.ablation import ROOT, Progress, check_tool_args, refuse, seed_gap, without_recipe
+from train.cli import config_error_exit, searchpath_entries, split_override, tool_args
 from train.config import RunConfig
 from train.review.sensitivity import (
     SIGNALS,
@@ -61,10 +61,6 @@ from train.review.series import read_series
 #: overrides the tool sets itself (a user value would be silently replaced)
 OWNED = ("trainer.seed", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "reference.mode",
          "reference.run_dir", "stats.every")  # fmt: skip
-
-
-def _refuse(key: str, value: object, fix: str) -> None:
-    config_error_exit(ConfigError(key, value, fix))
 
 
 def converted_layers(cfg: RunConfig) -> list[str]:
@@ -130,37 +126,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", action="store_true", help="print the plan and exit")
     args, cfg = tool_args(ap, argv)
     user = list(args.overrides)
-    for o in user:
-        kv = split_override(o)
-        if kv and kv[0] in OWNED:
-            _refuse(kv[0], kv[1], "train.sensitivity sets it itself (--seeds, --out, --stats-every); drop it")
+    check_tool_args("train.sensitivity", user, owned=OWNED, owned_by="--seeds, --out, --stats-every",
+                    seeds=args.seeds, positive={"--target-gap": args.target_gap, "--last-k": args.last_k,
+                                                "--z": args.z})  # fmt: skip
     s = args.seeds
-    if s < 2:
-        _refuse("--seeds", s, "at least 2: one seed gives no noise estimate")
-    if not args.target_gap > 0 or args.last_k < 1 or not args.z > 0:
-        bad = next((f, v) for f, v in (("--target-gap", args.target_gap), ("--last-k", args.last_k),
-                                        ("--z", args.z)) if not v > 0)  # fmt: skip
-        _refuse(*bad, "must be > 0")
-    need = 2 * s + (2 * s if args.verify else 0)
+    verify_runs = 2 * s if args.verify else 0
+    need = 2 * s + verify_runs
     if args.budget < need:
-        _refuse("--budget", args.budget, f"at least {need}: 2 x --seeds for BF16 and the recipe"
+        refuse("--budget", args.budget, f"at least {need}: 2 x --seeds for BF16 and the recipe"
                 + (", 2 x --seeds for --verify" if args.verify else ""))  # fmt: skip
     rec = cfg.recipe
     if rec.quantizer == "none":
-        _refuse(
+        refuse(
             "recipe.quantizer",
             "none",
             "the search needs a quantized recipe: +recipe=NAME of a quantized preset",
         )
     if rec.quantize_attention:
-        _refuse("recipe.quantize_attention", True, "keeping a Linear in BF16 does not keep its attention "
+        refuse("recipe.quantize_attention", True, "keeping a Linear in BF16 does not keep its attention "
                 "matmuls; set it false")  # fmt: skip
     try:
         layers = converted_layers(cfg)
     except ConfigError as e:
         config_error_exit(e)
     if not layers:
-        _refuse(
+        refuse(
             "recipe.skip_modules", rec.skip_modules, "the recipe converts no Linear layer: nothing to search"
         )
     steps = cfg.trainer.max_steps
@@ -182,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "recipe").mkdir(parents=True, exist_ok=True)
     seeds = list(range(1, s + 1))
     # the presets it writes go first on the search path; the user's own entries (their presets) stay
-    theirs = [e for o in user if (kv := split_override(o)) and kv[0] == "hydra.searchpath"
-              for e in kv[1].strip("[]").split(",") if e.strip()]  # fmt: skip
-    search = f"hydra.searchpath=[{','.join([f'file://{out}', *theirs])}]"
+    search = f"hydra.searchpath=[{','.join([f'file://{out}', *searchpath_entries(user)])}]"
     passed = [o for o in without_recipe(user) if (split_override(o) or ("",))[0] != "hydra.searchpath"]
     base = [*passed, search]
     progress = Progress("train.sensitivity", plan_runs)
@@ -214,10 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     member("bf16", ["+recipe=bf16"], bf16, seeds, ["stats.every=0"])
     evaluated: dict[int, Gap] = {}
 
+    def gap(k: int, sweep: Path, on: list[int]) -> Gap:
+        """The gap of ``sweep``'s seeds ``on`` to the BF16 runs of the same seeds."""
+        deltas = [seed_gap(sweep / f"seed{x}", bf16 / f"seed{x}", last_k=args.last_k) for x in on]
+        return judge(k, [d for d in deltas if d is not None], z=args.z)
+
     def evaluate(k: int, sweep: Path) -> None:
-        deltas = [seed_gap(sweep / f"seed{x}", bf16 / f"seed{x}", last_k=args.last_k) for x in seeds]
-        evaluated[k] = judge(k, [d for d in deltas if d is not None], z=args.z)
-        g = evaluated[k]
+        g = evaluated[k] = gap(k, sweep, seeds)
         iv = g.interval
         print(f"train.sensitivity: keep {k}: gap {g.verdict.text}"
               + (f", mean {g.verdict.mean:+.4f} [{iv[0]:+.4f}, {iv[1]:+.4f}]" if iv else "")
@@ -230,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate(0, full)
     used = 2 * s
     while (k := next_candidate(n, evaluated, args.target_gap)) is not None and not failed:
-        if evaluated[0].verdict.kind == "indistinguishable" or used + s > args.budget - (need - 2 * s):
+        if evaluated[0].verdict.kind == "indistinguishable" or used + s > args.budget - verify_runs:
             break
         evaluate(k, candidate(k))
         used += s
@@ -251,11 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             member("verify: bf16", ["+recipe=bf16"], bf16, fresh, ["stats.every=0"])
             member(f"verify: {name}", [f"+recipe={name}"], out / "runs" / name, fresh, ["stats.every=0"])
             used += 2 * s
-            deltas = [
-                seed_gap(out / "runs" / name / f"seed{x}", bf16 / f"seed{x}", last_k=args.last_k)
-                for x in fresh
-            ]
-            g = judge(res["k"], [d for d in deltas if d is not None], z=args.z)
+            g = gap(res["k"], out / "runs" / name, fresh)
             ok = g.meets(args.target_gap)
             answer |= {"runs": used, "verify": {"seeds": fresh, **_gap_json(g), "meets": ok}}
             text += (f"\nOn fresh seeds {fresh}: gap {_cell(g)}: "

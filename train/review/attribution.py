@@ -30,7 +30,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from train.review.verdict import Verdict, decide
+from train.review.verdict import Verdict, decide, interval
 
 GEMMS = ("fwd", "dgrad", "wgrad")
 #: every subset of the GEMMs, as sorted tuples, smallest first
@@ -72,10 +72,7 @@ class Share:
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        v = self.verdict
-        if v.mean is None or v.se is None:
-            return None
-        return (v.mean - self.z * v.se, v.mean + self.z * v.se)
+        return interval(self.verdict, self.z)
 
     def as_dict(self) -> dict:
         v = self.verdict

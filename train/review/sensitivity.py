@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from train.review.series import Series
-from train.review.verdict import Verdict, decide
+from train.review.verdict import Verdict, decide, interval
 
 #: signal -> whether a higher value is worse
 SIGNALS = {"weight_drift": True, "grad_cos": False, "sqnr_db": False}
@@ -116,13 +116,12 @@ class Gap:
 
     @property
     def upper(self) -> float | None:
-        v = self.verdict
-        return None if v.mean is None or v.se is None else v.mean + self.z * v.se
+        iv = self.interval
+        return None if iv is None else iv[1]
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        v = self.verdict
-        return None if v.mean is None or v.se is None else (v.mean - self.z * v.se, v.mean + self.z * v.se)
+        return interval(self.verdict, self.z)
 
     def meets(self, target: float) -> bool:
         return self.upper is not None and self.upper < target

@@ -50,6 +50,11 @@ class Verdict:
     step: int | None = None  # diverged at
 
 
+def interval(v: Verdict, z: float) -> tuple[float, float] | None:
+    """``mean -+ z SE`` of a verdict over paired seeds (None without a mean and an SE)."""
+    return None if v.mean is None or v.se is None else (v.mean - z * v.se, v.mean + z * v.se)
+
+
 def seed_delta(
     steps: np.ndarray, loss: np.ndarray, ref_steps: np.ndarray, ref_loss: np.ndarray, *, k: int
 ) -> float | None:

@@ -115,14 +115,24 @@ def resolve(cfg: RecipeConfig, device: str) -> tuple[str, str | None]:
                     f"fast accumulation is a setting of the torch backend's scaled matmul; backend {chosen} "
                     f"accumulates in FP32 (set recipe.backend=torch, or leave it at {str(default).lower()})",
                 )  # fmt: skip
+    if chosen != "emulated" and cfg.emulated_gemm != "auto":
+        raise ConfigError("recipe.emulated_gemm", cfg.emulated_gemm,
+                          f"a setting of the emulated backend's GEMMs; backend {chosen} runs real low-precision "
+                          "GEMMs (set recipe.backend=emulated, or leave it at auto)")  # fmt: skip
     return chosen, note
 
 
-def gemm_impl(backend: str, cfg: RecipeConfig, device: str, *, bf16_gemm: bool = False) -> str:
+def gemm_impl(backend: str, cfg: RecipeConfig, device: str, *, emulated_gemm: str = "fp32") -> str:
     """What runs each converted GEMM, for ``resolved.recipe.gemm_impl`` and the parity table."""
-    if backend == "emulated" and bf16_gemm:
-        return ("emulated: torch.mm on quantize-dequantized operands, in BF16 where both are exact in BF16 "
-                "(MX, high precision) and the engine is BF16, else FP32")  # fmt: skip
+    if backend == "emulated" and emulated_gemm != "fp32":
+        exact = ("emulated: torch.mm on quantize-dequantized operands, in BF16 where both are exact in BF16 "
+                 "(MX, power-of-two FP8 scales, high precision) and the engine is BF16")  # fmt: skip
+        if emulated_gemm == "bf16":
+            return exact + ", else FP32"
+        return (
+            exact
+            + "; per-tensor FP8 and NVFP4 on their BF16 codes, scales applied to the FP32 output; else FP32"
+        )
     if backend == "emulated":
         return "emulated: FP32 torch.mm on quantize-dequantized FP32 operands"
     if backend == "torch":

@@ -137,9 +137,12 @@ class RecipeConfig:
     compile: str = "auto"
     """torch.compile the quantizers: auto (on for CUDA only) | true | false. Same bits."""
     emulated_gemm: str = "auto"
-    """Emulated backend's GEMM dtype: bf16 (a GEMM whose operands are exact in BF16, MX or FP8 with
-    power-of-two scales, runs in BF16 with FP32 accumulation: same values, another accumulation
-    order) | fp32 (every GEMM on FP32 values) | auto (bf16 unless the quantizers are compiled)."""
+    """Emulated backend's GEMMs under a BF16 engine (``recipes.qlinear``): bf16 (a GEMM whose
+    operands are exact in BF16, MX or FP8 with power-of-two scales, runs in BF16 with FP32
+    accumulation: same values, another accumulation order) | codes (bf16, and per-tensor FP8 and
+    NVFP4 GEMMs on their codes in BF16, the FP32 scales applied to the output: on a device without
+    an FP32-output BF16 GEMM, such as the CPU, one more output rounding, <= 1 BF16 ulp) | fp32
+    (every GEMM on FP32 values) | auto (codes unless the quantizers are compiled, then fp32)."""
     # ---- hardware backends (recipe.backend=torch | te)
     amax_update: str = "step"
     """Delayed scaling: when the amax histories roll and the scales update. ``step``: once per

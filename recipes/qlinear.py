@@ -27,10 +27,24 @@ wgrad        ``dW = Q_gw(dY)^T @ Q_xw(x)``                 tokens M (axis 0 of b
   Exact: MX values (element times a power of two; ``quantize_mx(for_gemm=True)`` checks the
   block exponents for values below BF16's subnormal range and falls back to FP32 there), FP8
   block / rowwise values with power-of-two scales (``recipes.fp8.blockwise.exact_in_bf16``,
-  the same check on the scales) and operands left in high precision (BF16 engine values). Not
-  exact, so FP32 as before: FP8 with FP32 scales (``fp8_current``, ``fp8_delayed``), NVFP4
-  (E4M3 times FP32 scales), the Hadamard-transformed wgrad operands.
-* The bias is added in FP32 before that rounding; ``db = sum(dY)`` in FP32.
+  the same check on the scales) and operands left in high precision (BF16 engine values).
+* Code GEMMs (``LinearQuantizers.codes_gemm``, ``recipe.emulated_gemm=codes``, the default):
+  per-tensor FP8 (``fp8_current``, ``fp8_delayed``: FP32 scales) and NVFP4 (E4M3 block scales
+  times an FP32 tensor scale) are not exact in BF16, but their *codes* are
+  (``RoleQuantizer.gemm_codes``): the FP8 codes, and NVFP4's E2M1 elements times their E4M3
+  block scales. The GEMM runs on the codes in BF16 with FP32 accumulation and multiplies the
+  FP32 accumulator by the product of the two per-tensor scales (``1/scale``; NVFP4's ``s_t``),
+  as torch's scaled matmul, cuBLASLt and TE's NVFP4 GEMM (``alpha``) do, then rounds once to
+  BF16. Where the device has no BF16 GEMM with an FP32 output (torch's CPU ``mm`` has none;
+  :func:`fp32_output_mm` probes it) the BF16 GEMM rounds its output to BF16 before the scale:
+  one more rounding, at most 1 BF16 ulp (on 27 % of the outputs of a random 512x1024x512
+  E4M3 GEMM; tested); with a bias (lowbit's models have none) such a device runs the GEMM on
+  the same codes in FP32 instead. Against the FP32 path (an FP32 GEMM on ``code * (1/scale)``
+  values, each rounded to FP32) only that output rounding and accumulation order differ; with
+  power-of-two scales the extra rounding is exact. NVFP4's Hadamard-transformed wgrad operands
+  are code GEMMs too (the transform precedes quantization). With ``emulated_gemm=bf16`` these
+  kinds keep FP32 GEMMs, bit for bit as with ``fp32``.
+* The bias is added in FP32 before the final rounding; ``db = sum(dY)`` in FP32.
 * The backward pass re-quantizes from the *high-precision* saved ``x`` and
   ``W`` (as microxcaling and TE do), never from the forward's quantized copies.
   A role left ``None`` keeps that operand in FP32 (upcast from the engine dtype).
@@ -47,10 +61,7 @@ wgrad        ``dW = Q_gw(dY)^T @ Q_xw(x)``                 tokens M (axis 0 of b
   ``torch.compile`` graph per layer shape; they are the same Python functions
   as the eager path, so the bits are the same (tested).
 
-``quant_matmul(a, b)`` is the same scheme for the attention matmuls
-``a:[..., M, R] @ b:[..., R, N]``: forward blocks along R (``a`` axis -1,
-``b`` axis -2); ``da = Q(g, -1) @ Q(b, -1)^T``; ``db = Q(a, -2)^T @ Q(g, -2)``
-(microxcaling's ``matmul.py``). It returns FP32 (softmax runs in FP32).
+The attention matmuls QK^T and PV use the same scheme (``recipes.qattention``).
 
 Master weights, optimizer state and gradient reductions are DeepSpeed's and
 untouched: this module only changes the values entering each GEMM.
@@ -59,6 +70,7 @@ untouched: this module only changes the values entering each GEMM.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -69,14 +81,13 @@ from torch import nn
 
 from recipes import compiling
 from recipes.config import SAME
-from recipes.quantizers import RoleQuantizer
+from recipes.quantizers import Codes, RoleQuantizer
 
 __all__ = [
     "LinearQuantizers",
-    "MatmulQuantizers",
     "QuantLinear",
+    "fp32_output_mm",
     "quant_linear",
-    "quant_matmul",
     "set_submodule",
 ]
 
@@ -107,6 +118,9 @@ class LinearQuantizers:
     bf16_gemm: bool = False
     """Run a GEMM in BF16 when both its operands are exact in BF16 and the engine dtype is BF16
     (``recipe.emulated_gemm``); else FP32, as always without it."""
+    codes_gemm: bool = False
+    """With ``bf16_gemm``: per-tensor scaled roles (FP8 per-tensor, NVFP4) enter the GEMM as
+    BF16 codes, their scales applied to its FP32 output (module docstring)."""
 
     @property
     def split_dy(self) -> bool:
@@ -154,66 +168,108 @@ class LinearQuantizers:
                                    compile=True)  # fmt: skip
 
 
-def _q(q: RoleQuantizer | None, x32: torch.Tensor, axis: int, training: bool) -> torch.Tensor:
-    return x32 if q is None else q(x32, axis=axis, training=training)
-
-
 def _operand(
     q: RoleQuantizer | None,
     hp: torch.Tensor,
     hp32: torch.Tensor | None,
     axis: int,
     training: bool,
-    bf16: bool,
-) -> torch.Tensor:
+    gemm: str,
+) -> torch.Tensor | Codes:
     """A GEMM operand from its high-precision tensor ``hp`` (engine dtype) and its float32 copy
-    (``None``: made here): quantized in float32, or with ``bf16`` as BF16 where exact
-    (``RoleQuantizer.for_gemm``); a role left ``None`` is ``hp`` itself under ``bf16``."""
-    if q is None and bf16:
+    (``None``: made here), for ``gemm`` (:func:`_gemm_mode`): ``fp32``: quantized in float32;
+    ``bf16``: as BF16 where exact (``RoleQuantizer.for_gemm``); ``codes``: also per-tensor
+    scaled codes (``RoleQuantizer.gemm_codes``). A role left ``None`` is ``hp`` itself unless fp32."""
+    if q is None and gemm != "fp32":
         return hp
     x32 = hp.float() if hp32 is None else hp32
     if q is None:
         return x32
-    return q.for_gemm(x32, axis=axis, training=training) if bf16 else q(x32, axis=axis, training=training)
+    if gemm == "codes" and (codes := q.gemm_codes(x32, axis=axis, training=training)) is not None:
+        return codes
+    return (
+        q.for_gemm(x32, axis=axis, training=training)
+        if gemm != "fp32"
+        else q(x32, axis=axis, training=training)
+    )
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _gemm_mode(qs: LinearQuantizers, *tensors: torch.Tensor) -> str:
+    """``fp32`` | ``bf16`` | ``codes``: BF16 GEMMs only under a BF16 engine (every tensor BF16)."""
+    if not (qs.bf16_gemm and all(t.dtype == torch.bfloat16 for t in tensors)):
+        return "fp32"
+    return "codes" if qs.codes_gemm else "bf16"
+
+
+@functools.cache
+def fp32_output_mm(device_type: str) -> bool:
+    """Whether ``torch.mm(bf16, bf16, out_dtype=torch.float32)`` runs on this device type (CUDA in
+    recent torch; not torch 2.13's CPU), probed once on a 1x1 problem, outside any dispatch mode
+    (op counters, tracers) the first GEMM may run under."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type)
+        try:
+            return torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            return False
+
+
+def _mm(a: torch.Tensor | Codes, b: torch.Tensor | Codes, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b (+ bias)``: a BF16 GEMM (FP32 accumulation, one rounding) when both operands are
-    BF16, else FP32 on the float32 values. Same values in; only accumulation order differs."""
+    BF16, else FP32 on the float32 values. Same values in; only accumulation order differs.
+    A :class:`Codes` operand: :func:`_codes_mm`."""
+    if isinstance(a, Codes) or isinstance(b, Codes):
+        return _codes_mm(a, b, bias)
     if a.dtype == b.dtype == torch.bfloat16:
         return torch.mm(a, b) if bias is None else torch.addmm(bias.to(torch.bfloat16), a, b)
     a, b = a.float(), b.float()
     return torch.mm(a, b) if bias is None else torch.addmm(bias.float(), a, b)
 
 
+def _codes_mm(a: torch.Tensor | Codes, b: torch.Tensor | Codes, bias: torch.Tensor | None) -> torch.Tensor:
+    """The GEMM on the operands' values (a :class:`Codes` operand's BF16 codes), its FP32 output
+    times the product of the scales, then the bias (module docstring)."""
+    scales = [op.scale for op in (a, b) if isinstance(op, Codes)]
+    a, b = (op.values if isinstance(op, Codes) else op for op in (a, b))
+    fp32_out = fp32_output_mm(a.device.type)
+    if a.dtype == b.dtype == torch.bfloat16 and (fp32_out or bias is None):
+        y = torch.mm(a, b, out_dtype=torch.float32) if fp32_out else torch.mm(a, b).float()
+    else:  # a bias added to a BF16-rounded product would round twice: FP32 on the same values
+        y = torch.mm(a.float(), b.float())
+    y = y.mul_(scales[0] if len(scales) == 1 else scales[0] * scales[1])
+    return y if bias is None else y.add_(bias.float())
+
+
 def _forward_body(x, weight, bias, qs: LinearQuantizers, training: bool) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    bf16 = qs.bf16_gemm and x.dtype == weight.dtype == torch.bfloat16
-    qx = _operand(qs.input, x2, None, -1, training, bf16)
-    qw = _operand(qs.weight, weight, None, -1, training, bf16)
+    gemm = _gemm_mode(qs, x, weight)
+    qx = _operand(qs.input, x2, None, -1, training, gemm)
+    qw = _operand(qs.weight, weight, None, -1, training, gemm)
     return _mm(qx, qw.t(), bias).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 def _backward_body(x, weight, grad_y, qs: LinearQuantizers, training: bool, need_dx: bool, need_dw: bool):
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
     g32 = g2.float()
-    bf16 = qs.bf16_gemm and x.dtype == weight.dtype == grad_y.dtype == torch.bfloat16
+    gemm = _gemm_mode(qs, x, weight, grad_y)
     dx = dw = qg = None
     if need_dx:
-        qg = _operand(qs.grad_output, g2, g32, -1, training, bf16)
-        qwd = _operand(qs.weight_dgrad, weight, None, 0, training, bf16)
+        qg = _operand(qs.grad_output, g2, g32, -1, training, gemm)
+        qwd = _operand(qs.weight_dgrad, weight, None, 0, training, gemm)
         dx = _mm(qg, qwd).to(x.dtype).view(x.shape)
     if need_dw:
         x2, x32, gw = x.reshape(-1, x.shape[-1]), None, g32
         if qs.wgrad_transform is not None:  # float32 from here on
             gw, x32 = qs.wgrad_transform(gw), qs.wgrad_transform(x2.float())
             g2, x2 = gw, x32
-            qgw = _operand(qs.wgrad_dy, g2, gw, 0, training, bf16)
+            qgw = _operand(qs.wgrad_dy, g2, gw, 0, training, gemm)
         elif qg is not None and not qs.split_dy and qs.grad_output is not None and qs.grad_output.axis_free:
             qgw = qg  # per-tensor / 2-D scale: the dgrad copy is the wgrad copy
         else:
-            qgw = _operand(qs.wgrad_dy, g2, gw, 0, training, bf16)
-        qxw = _operand(qs.input_wgrad, x2, x32, 0, training, bf16)
+            qgw = _operand(qs.wgrad_dy, g2, gw, 0, training, gemm)
+        qxw = _operand(qs.input_wgrad, x2, x32, 0, training, gemm)
         dw = _mm(qgw.t(), qxw).to(weight.dtype)
     return dx, dw, g32
 
@@ -299,70 +355,3 @@ class QuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         roles = ", ".join(f"{k}={v}" for k, v in self.quantizers.describe().items())
         return f"{super().extra_repr()}, {roles}"
-
-
-# ---------------------------------------------------------------------- attention matmuls
-
-
-@dataclass(frozen=True, eq=False)
-class MatmulQuantizers:
-    """Quantizers of ``a @ b``: forward operands, the output gradient, and the backward copies."""
-
-    a: RoleQuantizer | None = None
-    b: RoleQuantizer | None = None
-    grad_output: RoleQuantizer | None = None
-    a_bwd: RoleQuantizer | None = None
-    b_bwd: RoleQuantizer | None = None
-
-
-class _QuantMatmulFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, qs: MatmulQuantizers, training: bool):  # noqa: D102
-        ctx.save_for_backward(a, b)
-        ctx.qs, ctx.training = qs, training
-        return torch.matmul(_q(qs.a, a.float(), -1, training), _q(qs.b, b.float(), -2, training))
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: D102
-        a, b = ctx.saved_tensors
-        qs, training = ctx.qs, ctx.training
-        g32 = g.float()
-        da = db = qg = None
-        if ctx.needs_input_grad[0]:
-            qg = _q(qs.grad_output, g32, -1, training)
-            da = torch.matmul(qg, _q(qs.b_bwd, b.float(), -1, training).transpose(-2, -1)).to(a.dtype)
-        if ctx.needs_input_grad[1]:
-            if qg is None or (qs.grad_output is not None and not qs.grad_output.axis_free):
-                qg = _q(qs.grad_output, g32, -2, training)
-            db = torch.matmul(_q(qs.a_bwd, a.float(), -2, training).transpose(-2, -1), qg).to(b.dtype)
-        return da, db, None, None
-
-
-def quant_matmul(
-    a: torch.Tensor, b: torch.Tensor, qs: MatmulQuantizers, *, training: bool = True
-) -> torch.Tensor:
-    """FP32 ``a @ b`` on quantized operands, blocks along the reduction dim (module docstring)."""
-    return _QuantMatmulFn.apply(a, b, qs, training)
-
-
-class QuantAttentionCore(nn.Module):
-    """Causal ``softmax(Q K^T / sqrt(d)) V`` with QK^T and PV on quantized operands.
-
-    ``S = quant_matmul(Q, K^T)`` (blocks along the head dim), then in FP32:
-    scale by ``1/sqrt(d)``, causal mask, softmax; ``O = quant_matmul(P, V)``
-    (blocks along keys), cast to Q's dtype. Softmax, masking and scaling stay
-    FP32 and differentiate through autograd; the two matmuls use
-    ``_QuantMatmulFn``'s quantized backward. Replaces ``Attention.core``.
-    """
-
-    def __init__(self, qk: MatmulQuantizers, pv: MatmulQuantizers, *, name: str = ""):
-        super().__init__()
-        self.qk, self.pv, self.layer_name = qk, pv, name
-
-    def forward(self, q_BHTK: torch.Tensor, k_BHTK: torch.Tensor, v_BHTK: torch.Tensor) -> torch.Tensor:
-        T, K = q_BHTK.shape[-2], q_BHTK.shape[-1]
-        s_BHTT = quant_matmul(q_BHTK, k_BHTK.transpose(-2, -1), self.qk, training=self.training)
-        s_BHTT = s_BHTT * (1.0 / K**0.5)
-        causal = torch.ones(T, T, dtype=torch.bool, device=s_BHTT.device).triu_(1)
-        p_BHTT = torch.softmax(s_BHTT.masked_fill(causal, float("-inf")), dim=-1)
-        return quant_matmul(p_BHTT, v_BHTK, self.pv, training=self.training).to(q_BHTK.dtype)

@@ -1,6 +1,6 @@
 """The quantized-GEMM recipe: MX, NVFP4 and FP8, emulated or on real FP8 GEMMs.
 
-Kinds (``recipe.quantizer``): every entry of ``recipes.quantizers.QUANTIZER_KINDS``. Backends
+Kinds (``recipe.quantizer``): every entry of ``recipes.kinds.QUANTIZER_KINDS``. Backends
 (``recipes.backends``): ``emulated`` (any device, fake quantization: the numerics below),
 ``torch`` (the FP8 kinds' GEMMs as real FP8 scaled matmuls, ``recipes.scaled_linear``: the same
 quantized operands, the scale applied to the accumulator) and ``te`` (Transformer Engine modules,
@@ -33,16 +33,13 @@ W   (dgrad)             ``weight_dgrad_format`` N (or 2-D tiles)           ``rou
 x   (wgrad)             ``input_wgrad_format`` tokens                      ``rounding``
 ======================  =====================  ==========================  ================
 
-A null format keeps that operand in high precision; ``same`` copies the
-forward role's format. Every operand is quantize-dequantized in FP32 and the
-GEMM accumulates in FP32; the output is rounded once to BF16; the bias is
-added in FP32. The backward pass re-quantizes from the BF16 ``x`` and ``W``.
-
-Per-layer formats (``recipe.layer_formats``, emulated backend only): a module-name regex
-(matched as ``skip_modules`` is, ``recipes.filter``) maps to role-field overrides; the first
-key matching a converted Linear replaces those fields for it before ``same`` resolves. Block
-size, rounding, scales and the kind stay the recipe's; no kept layer converts and the
-attention cores keep the recipe's formats.
+A null format keeps that operand in high precision; ``same`` copies the forward role's format.
+Every GEMM accumulates in FP32 over the quantized values (``recipe.emulated_gemm``: in BF16 where
+they are exact there; per-tensor FP8 and NVFP4 on their codes, the scales applied to the output;
+``recipes.qlinear``), rounds to BF16 and adds the bias in FP32. The backward pass re-quantizes
+from the BF16 ``x`` and ``W``. Per-layer formats (``recipe.layer_formats``, emulated only): the
+first module-name regex (``recipes.filter``) matching a converted Linear replaces its role
+fields before ``same`` resolves; block size, rounding, scales, kind and attention stay the recipe's.
 
 Scale granularity and rule, per ``recipe.quantizer``:
 
@@ -102,9 +99,11 @@ from recipes.config import ELEMENT_GEMM_FAMILY, SAME, RecipeConfig, resolve_same
 from recipes.filter import FilterDecision, num_blocks, select_modules
 from recipes.fp8 import DelayedScaling, DelayedScalingState
 from recipes.fp8.gemm import check_dims
+from recipes.kinds import QUANTIZER_KINDS, RoleRequest
 from recipes.mx.nvfp4 import HADAMARD_SIZE, hadamard_tokens
 from recipes.numerics import FormatSpec, get_spec, mx_format_name
-from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear, set_submodule
+from recipes.qattention import MatmulQuantizers, QuantAttentionCore
+from recipes.qlinear import LinearQuantizers, QuantLinear, set_submodule
 from recipes.quantized_checks import (
     check_block_dims,
     check_layer_keys,
@@ -117,7 +116,7 @@ from recipes.quantized_checks import (
     resolve_compile,
     role_formats,
 )
-from recipes.quantizers import QUANTIZER_KINDS, RoleQuantizer, RoleRequest, SRGenerator
+from recipes.quantizers import RoleQuantizer, SRGenerator
 from recipes.scaled_linear import CastEpoch, ScaledGemms, ScaledLinear
 
 __all__ = ["QuantizedRecipe", "check_recipe_config"]
@@ -159,15 +158,16 @@ class QuantizedRecipe(Recipe):
         """What runs the converted GEMMs (``resolved.recipe.gemm_impl``)."""
         if self.backend is None or self.device is None:
             return "unresolved"
-        return backends.gemm_impl(self.backend, self.cfg, self.device, bf16_gemm=self.bf16_gemm)
+        return backends.gemm_impl(self.backend, self.cfg, self.device, emulated_gemm=self.emulated_gemm)
 
     @property
     def compile(self) -> bool:
         return resolve_compile(self.cfg.compile, self.device)
 
     @property
-    def bf16_gemm(self) -> bool:  # recipe.emulated_gemm; compiled bodies keep FP32 (no graph break)
-        return self.cfg.emulated_gemm == "bf16" or (self.cfg.emulated_gemm == "auto" and not self.compile)
+    def emulated_gemm(self) -> str:  # codes | bf16 | fp32; auto: compiled bodies keep FP32 (no graph break)
+        g = self.cfg.emulated_gemm
+        return ("fp32" if self.compile else "codes") if g == "auto" else g
 
     def check_tokens(self, tokens: int) -> None:
         if self.cfg.wgrad_hadamard and tokens % HADAMARD_SIZE:
@@ -293,7 +293,7 @@ class QuantizedRecipe(Recipe):
         d = super().describe()
         d["quantizer"] = self.cfg.quantizer
         d["roles"] = dict(self.roles)
-        d["compile"], d["emulated_gemm"] = self.compile, "bf16 where exact" if self.bf16_gemm else "fp32"
+        d["compile"], d["emulated_gemm"] = self.compile, self.emulated_gemm
         att = f"QK^T and PV quantized in {len(self.attention)}/{self.num_attention} attention cores"
         d["attention"] = att if self.cfg.quantize_attention else "QK^T and PV in high precision"
         if overrides := {n: o for n in self.report.converted if (o := layer_override(self.cfg, n)[1])}:
@@ -363,7 +363,8 @@ class QuantizedRecipe(Recipe):
         wd = w if wd_fmt == f["weight_format"] else role(wd_fmt, tensor=f"{name}/weight", two_d=two_d)
         xw = inp if xw_fmt == f["input_format"] else role(xw_fmt, tensor=f"{name}/input")
         transform = hadamard_tokens if self.cfg.wgrad_hadamard else None
-        return LinearQuantizers(inp, w, g, wd, xw, transform, grad_output_wgrad=gw, bf16_gemm=self.bf16_gemm)
+        return LinearQuantizers(inp, w, g, wd, xw, transform, grad_output_wgrad=gw,
+                                bf16_gemm=self.emulated_gemm != "fp32", codes_gemm=self.emulated_gemm == "codes")  # fmt: skip
 
     def _scaled_gemms(self, name: str) -> ScaledGemms:
         """backend=torch: the same role quantizers, called through ``cast``."""

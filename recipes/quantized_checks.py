@@ -2,7 +2,7 @@
 
 Every error is a ``recipes.errors.ConfigError`` naming the dotted key (``recipe.block_size``)
 and the fix; the trainer prints it as one line before any start-up. What differs by
-``recipe.quantizer`` is read from its entry in ``recipes.quantizers.QUANTIZER_KINDS`` (element
+``recipe.quantizer`` is read from its entry in ``recipes.kinds.QUANTIZER_KINDS`` (element
 family, blocks, tiles, Hadamard). The model-dependent checks (block size vs each converted
 layer, ``check_layer_keys``) run in ``QuantizedRecipe.check`` in ``recipes.quantized``.
 ``layer_config`` is the one place ``recipe.layer_formats`` is applied to a layer.
@@ -21,9 +21,9 @@ from recipes.config import OPERAND_FIELDS, ROLE_FORMAT_FIELDS, RecipeConfig, res
 from recipes.errors import ConfigError
 from recipes.filter import compile_patterns
 from recipes.fp8 import format_for_role
+from recipes.kinds import QUANTIZER_KINDS, QuantizerKind
 from recipes.mx import FORMATS, ROUNDINGS, SCALE_RULES
 from recipes.mx.nvfp4 import NVFP4_ORDERS
-from recipes.quantizers import QUANTIZER_KINDS, QuantizerKind
 
 __all__ = ["check_layer_keys", "check_recipe_config", "config_error", "layer_config", "layer_override",
            "quantizer_kind", "resolve_compile", "role_formats"]  # fmt: skip
@@ -176,8 +176,8 @@ def _check_numbers(cfg: RecipeConfig, kind: QuantizerKind) -> None:
         raise config_error("margin", cfg.margin, "must be >= 0")
     if cfg.amax_epsilon < 0:
         raise config_error("amax_epsilon", cfg.amax_epsilon, "must be >= 0")
-    if cfg.emulated_gemm not in ("auto", "bf16", "fp32"):
-        raise config_error("emulated_gemm", cfg.emulated_gemm, "use auto, bf16 (where exact) or fp32")
+    if cfg.emulated_gemm not in ("auto", "codes", "bf16", "fp32"):
+        raise config_error("emulated_gemm", cfg.emulated_gemm, "use auto, codes, bf16 (where exact) or fp32")
     if str(cfg.compile).lower() not in ("auto", "true", "false"):
         raise config_error("compile", cfg.compile, "use auto (on for CUDA only), true or false")
     for key in ("keep_first_blocks", "keep_last_blocks"):

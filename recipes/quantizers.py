@@ -26,33 +26,34 @@ class              scale granularity and rule                                   
 
 Per-tensor and rowwise FP8 roles also ``cast(x32, axis=...) -> Operand``: the float8 codes and
 FP32 ``1/scale`` a scaled matmul takes (``recipes.scaled_linear``), from the same scale functions.
+Per-tensor FP8 and NVFP4 roles also ``gemm_codes(x32, axis=...) -> Codes``: values exact in BF16
+(the FP8 codes; NVFP4 elements times their E4M3 block scales) and the 0-d FP32 scale the GEMM
+applies to its output (``1/scale``; NVFP4's ``s_t``), for the emulated backend's code GEMMs
+(``recipes.qlinear``). Same elements, same scales and the same amax recording as ``__call__``.
 
 "axis-free" quantizers give the same result whatever ``axis`` is, so a caller may quantize once
 and use the result in two GEMMs. Stochastic rounding draws from an :class:`SRGenerator` owned by
 the recipe (seeded, per device), so runs are reproducible. The pure parts run under
 ``torch.compile`` with ``compile=True`` (``recipes.compiling``; same bits).
 
-:data:`QUANTIZER_KINDS` maps each ``recipe.quantizer`` kind of the quantized recipe to the factory
-of its role class and the facts its checks need. A new quantizer kind is a role class here plus
-one entry in that table: the recipe registers every kind of the table.
+``recipes.kinds.QUANTIZER_KINDS`` maps each ``recipe.quantizer`` kind of the quantized recipe to
+the factory of its role class here and the facts its checks need. A new quantizer kind is a role
+class here plus one entry in that table: the recipe registers every kind of the table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from recipes.compiling import call as call_quantizer
-from recipes.config import RecipeConfig
 from recipes.fp8 import (
     DelayedScalingState,
     FP8Format,
     cast_to_fp8,
     cast_to_fp8_rowwise,
     current_scale,
-    format_for_role,
     quantize_fp8,
     quantize_fp8_block_1d,
     quantize_fp8_block_2d,
@@ -62,11 +63,27 @@ from recipes.fp8 import (
 from recipes.fp8 import amax as fp8_amax
 from recipes.fp8.gemm import Operand
 from recipes.mx import quantize_mx, quantize_nvfp4
-from recipes.mx.nvfp4 import quantize_nvfp4_2d
+from recipes.mx.nvfp4 import nvfp4_codes, nvfp4_codes_2d, quantize_nvfp4_2d
 from recipes.srgen import SR_SEED, SRGenerator
 
-__all__ = ["FP8BlockRole", "FP8CurrentRole", "FP8DelayedRole", "FP8RowwiseRole", "MXRole", "NVFP4Role",
-           "QUANTIZER_KINDS", "QuantizerKind", "RoleQuantizer", "RoleRequest", "SR_SEED", "SRGenerator"]  # fmt: skip
+__all__ = ["Codes", "FP8BlockRole", "FP8CurrentRole", "FP8DelayedRole", "FP8RowwiseRole", "MXRole", "NVFP4Role",
+           "RoleQuantizer", "SR_SEED", "SRGenerator"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Codes:
+    """A GEMM operand as ``values`` exact in BF16 (stored BF16) times ``scale`` (FP32, 0-d): the
+    GEMM runs on ``values`` and multiplies its FP32 accumulator by the product of the scales."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+
+    def t(self) -> Codes:
+        return Codes(self.values.t(), self.scale)
+
+
+def _codes(values: torch.Tensor, scale: torch.Tensor) -> Codes:
+    return Codes(values.to(torch.bfloat16), scale.float())
 
 
 class RoleQuantizer:
@@ -85,6 +102,15 @@ class RoleQuantizer:
         """``self(x)``, in BF16 where its values are exact there (a role that can prove it
         overrides this), else float32: what ``recipes.qlinear``'s BF16 GEMMs take."""
         return self(x, axis=axis, training=training)
+
+    def gemm_codes(self, x: torch.Tensor, *, axis: int, training: bool = True) -> Codes | None:
+        """The operand as :class:`Codes` (values exact in BF16, a per-tensor FP32 scale for the
+        GEMM output), or None: this role's values are not a per-tensor scaling of such codes.
+        Per-tensor FP8 (castable and axis-free): its float8 codes and ``1/scale``."""
+        if not (self.castable and self.axis_free):
+            return None
+        op = self.cast(x, axis=axis, training=training)
+        return _codes(op.q, op.scale_inv)
 
     #: has :meth:`cast` (real float8 codes for a scaled matmul)
     castable: bool = False
@@ -144,6 +170,15 @@ class NVFP4Role(RoleQuantizer):
             gen = self.sr.get(x.device) if self.sr is not None else None
             return quantize_nvfp4(x, axis=axis, generator=gen, **kw)  # type: ignore[arg-type]
         return call_quantizer(quantize_nvfp4, self.compile, x, axis=axis, **kw)
+
+    def gemm_codes(self, x: torch.Tensor, *, axis: int, training: bool = True) -> Codes:
+        kw = dict(rounding=self.rounding, order=self.order)
+        if self.two_d:
+            return _codes(*call_quantizer(nvfp4_codes_2d, self.compile, x, **kw))
+        if self.rounding == "stochastic":
+            gen = self.sr.get(x.device) if self.sr is not None else None
+            return _codes(*nvfp4_codes(x, axis=axis, generator=gen, **kw))
+        return _codes(*call_quantizer(nvfp4_codes, self.compile, x, axis=axis, **kw))
 
     def describe(self) -> str:
         tiles = "16x16" if self.two_d else "1x16"
@@ -283,96 +318,3 @@ class FP8BlockRole(RoleQuantizer):
         return (
             f"fp8 {self.fmt.name} {tiles} blocks" + (" pow2" if self.power_2_scales else " fp32") + " scales"
         )
-
-
-# ---------------------------------------------------------------------- the kinds
-
-
-@dataclass(frozen=True)
-class RoleRequest:
-    """What the recipe asks of one operand's quantizer (the input of a kind's factory)."""
-
-    cfg: RecipeConfig
-    """The recipe settings with every ``same`` resolved (``recipes.config.resolve_same``)."""
-    fmt: str
-    """The operand's element format (its ``recipe.*_format``; never null here)."""
-    tensor: str
-    """``"<layer>/<role>"``, role ``input`` | ``weight`` | ``grad_output``: the delayed-scaling
-    key, and the TE tensor role that picks the FP8 element under ``fp8_format``."""
-    grad: bool = False
-    """dY: rounds by ``grad_rounding`` instead of ``rounding``."""
-    two_d: bool = False
-    """A weight operand under ``weight_2d_blocks`` (square tiles)."""
-    compile: bool = False
-    sr: SRGenerator | None = None
-    delayed: DelayedScalingState | None = None
-
-    @property
-    def rounding(self) -> str:
-        return self.cfg.grad_rounding if self.grad else self.cfg.rounding
-
-    @property
-    def fp8(self) -> FP8Format:
-        return format_for_role(self.cfg.fp8_format, self.tensor.rsplit("/", 1)[1])
-
-
-@dataclass(frozen=True)
-class QuantizerKind:
-    """One ``recipe.quantizer`` kind of the quantized recipe: its role factory and its rules."""
-
-    make: Callable[[RoleRequest], RoleQuantizer]
-    family: str
-    """Element vocabulary and statistics family (``recipes.numerics.FAMILIES``): mx | nvfp4 | fp8."""
-    blocked: bool = False
-    """Uses ``recipe.block_size`` blocks (which must divide the converted reduction dims)."""
-    block_size: int = 0
-    """The one block size the kind allows (nvfp4: 16); 0 = any power of two from 2 to 256."""
-    tiles: bool = False
-    """``recipe.weight_2d_blocks`` (square weight tiles) exists for it."""
-    hadamard: bool = False
-    """``recipe.wgrad_hadamard`` exists for it."""
-    delayed: bool = False
-    """Keeps a ``DelayedScalingState`` (amax histories, updated per optimizer step)."""
-
-
-def _delayed_role(r: RoleRequest) -> FP8DelayedRole:
-    assert r.delayed is not None, "a delayed-scaling kind's recipe owns a DelayedScalingState"
-    r.delayed.register(r.tensor)
-    return FP8DelayedRole(r.delayed, r.tensor, compile=r.compile)
-
-
-#: ``recipe.quantizer`` -> kind (order: the order error messages list them in)
-QUANTIZER_KINDS: dict[str, QuantizerKind] = {
-    "mx": QuantizerKind(
-        lambda r: MXRole(r.fmt, r.cfg.block_size, r.rounding, r.cfg.scale_rule, compile=r.compile, sr=r.sr),
-        family="mx",
-        blocked=True,
-    ),
-    "nvfp4": QuantizerKind(
-        lambda r: NVFP4Role(
-            r.rounding, two_d=r.two_d, sr=r.sr, compile=r.compile, order=r.cfg.nvfp4_scale_order
-        ),
-        family="nvfp4",
-        blocked=True,
-        block_size=16,
-        tiles=True,
-        hadamard=True,
-    ),
-    "fp8_delayed": QuantizerKind(_delayed_role, family="fp8", delayed=True),
-    "fp8_current": QuantizerKind(
-        lambda r: FP8CurrentRole(r.fp8, r.cfg.power_2_scales, r.cfg.amax_epsilon, compile=r.compile),
-        family="fp8",
-    ),
-    "fp8_rowwise": QuantizerKind(
-        lambda r: FP8RowwiseRole(r.fp8, r.cfg.power_2_scales, r.cfg.amax_epsilon, compile=r.compile),
-        family="fp8",
-    ),
-    "fp8_block": QuantizerKind(
-        lambda r: FP8BlockRole(
-            r.fp8, r.cfg.block_size, r.two_d, r.cfg.power_2_scales, r.cfg.amax_epsilon, compile=r.compile
-        ),
-        family="fp8",
-        blocked=True,
-        tiles=True,
-    ),
-}

@@ -103,7 +103,7 @@ CASES = [
     Case("nvfp4_order_unknown", ["+recipe=nvfp4", "recipe.nvfp4_scale_order=ieee"], None,
          "recipe.nvfp4_scale_order", "ieee", "use one of te, torchao"),
     Case("emulated_gemm_unknown", ["+recipe=mxfp8_e4m3", "recipe.emulated_gemm=fp16"], None,
-         "recipe.emulated_gemm", "fp16", "use auto, bf16 (where exact) or fp32"),
+         "recipe.emulated_gemm", "fp16", "use auto, codes, bf16 (where exact) or fp32"),
     Case("nvfp4_order_on_mx", ["+recipe=mxfp8_e4m3", "recipe.nvfp4_scale_order=torchao"], None,
          "recipe.nvfp4_scale_order", "torchao", "only NVFP4 has two scale orders"),
 ]  # fmt: skip

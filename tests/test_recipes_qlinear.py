@@ -17,7 +17,8 @@ from torch import nn
 from recipes.fp8 import E4M3, E5M2, DelayedScaling, DelayedScalingState, quantize_fp8_current
 from recipes.mx import quantize_mx, quantize_nvfp4
 from recipes.mx.nvfp4 import hadamard_tokens, quantize_nvfp4_2d, random_hadamard
-from recipes.qlinear import LinearQuantizers, MatmulQuantizers, QuantAttentionCore, QuantLinear, quant_matmul
+from recipes.qattention import MatmulQuantizers, QuantAttentionCore, quant_matmul
+from recipes.qlinear import LinearQuantizers, QuantLinear
 from recipes.quantizers import FP8CurrentRole, FP8DelayedRole, MXRole, NVFP4Role, SRGenerator
 
 BF16 = torch.bfloat16

@@ -15,7 +15,8 @@ from recipes.config import RecipeConfig
 from recipes.errors import ConfigError
 from recipes.filter import block_index, name_matches, select_modules
 from recipes.plain import PlainRecipe
-from recipes.qlinear import QuantAttentionCore, QuantLinear
+from recipes.qattention import QuantAttentionCore
+from recipes.qlinear import QuantLinear
 from recipes.quantized import QuantizedRecipe
 from train.config import ModelConfig
 from train.model import GPT, build_model

@@ -73,6 +73,8 @@ __all__ = [
     "hadamard_tokens",
     "nvfp4_block_scales",
     "nvfp4_blocks",
+    "nvfp4_codes",
+    "nvfp4_codes_2d",
     "nvfp4_tensor_scale",
     "quantize_nvfp4",
     "quantize_nvfp4_2d",
@@ -142,12 +144,44 @@ def quantize_nvfp4(
     seed: int | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` to NVFP4 (module docstring); returns ``x``'s shape and dtype."""
+    if x.numel() == 0:
+        _checks(x, rounding, order, axis)
+        return x.clone()
+    y, _ = _nvfp4_1d(x, axis, rounding, per_tensor_scale, order, generator, seed, codes=False)
+    return y.to(x.dtype)
+
+
+def nvfp4_codes(
+    x: torch.Tensor,
+    *,
+    axis: int = -1,
+    rounding: str = "nearest_even",
+    order: str = "te",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c, s_t)``: ``x``'s NVFP4 elements times their E4M3 block scales (float32, ``x``'s shape;
+    NaN blocks NaN) and the FP32 decode scale ``s_t`` (0-d), the operands of an NVFP4 GEMM that
+    applies ``s_t`` to its accumulator, as TE's ``alpha`` does. ``c`` is exact in BF16 (an E2M1
+    value, <= 2 significant bits, times an E4M3 one, <= 4, within 2^-10 .. 2688); the same
+    elements and block scales as :func:`quantize_nvfp4` (same random numbers under stochastic
+    rounding), whose dequantized value ``e * fp32(s_t * s_b)`` rounds the scale product first."""
+    if x.numel() == 0:
+        _checks(x, rounding, order, axis)
+        return x.float(), torch.ones((), device=x.device)
+    return _nvfp4_1d(x, axis, rounding, None, order, generator, None, codes=True)
+
+
+def _checks(x: torch.Tensor, rounding: str, order: str, axis: int):
     check_input(x)
     check_rounding(rounding)
     _check_order(order)
-    layout = block_layout(x.shape, block_size=NVFP4_BLOCK_SIZE, axis=axis)
-    if x.numel() == 0:
-        return x.clone()
+    return block_layout(x.shape, block_size=NVFP4_BLOCK_SIZE, axis=axis)
+
+
+def _nvfp4_1d(x, axis, rounding, per_tensor_scale, order, generator, seed, *, codes: bool):
+    """1 x 16 blocks along ``axis``: dequantized values (or, with ``codes``, elements times block
+    scales) as float32 of ``x``'s shape, and the decode scale ``s_t``."""
+    layout = _checks(x, rounding, order, axis)
     if isinstance(per_tensor_scale, (int, float)) and not (0 < per_tensor_scale < math.inf):
         raise ValueError(f"per_tensor_scale must be a positive finite number, got {per_tensor_scale}")
     xb = to_blocks(x.float(), layout)
@@ -161,8 +195,8 @@ def quantize_nvfp4(
     noise = None
     if rounding == "stochastic":
         noise = to_blocks(uniform_noise(x, generator=generator, seed=seed), layout)
-    y = nvfp4_blocks(xb, ts, s_b, finite, rounding=rounding, noise=noise)
-    return from_blocks(y, layout).to(x.dtype)
+    y = nvfp4_blocks(xb, ts, s_b, finite, rounding=rounding, noise=noise, codes=codes)
+    return from_blocks(y, layout), ts.dec
 
 
 def nvfp4_unrounded_block_scales(amax_b: torch.Tensor, ts: TensorScale) -> torch.Tensor:
@@ -195,13 +229,16 @@ def nvfp4_blocks(
     *,
     rounding: str = "nearest_even",
     noise: torch.Tensor | None = None,
+    codes: bool = False,
 ) -> torch.Tensor:
     """Dequantized NVFP4 blocks of ``xb`` (float32, blocked) for given tensor and block scales;
     blocks where ``finite`` is False come out NaN. ``quantize_nvfp4``'s element step, public so
-    that statistics can requantize under another block scale (``recipes.blockstats``)."""
+    that statistics can requantize under another block scale (``recipes.blockstats``). With
+    ``codes``: the elements times ``s_b`` only (``s_t`` left to the GEMM, :func:`nvfp4_codes`)."""
     v = xb * nvfp4_element_factor(s_b, ts).masked_fill_(~finite, math.nan)
     r, q = round_elements(v, fmt=_FP4, rounding=rounding, sign_of=xb, noise=noise)
-    return r.mul_(q).mul_((ts.dec * s_b).masked_fill_(~finite, math.nan))
+    scale = s_b.masked_fill(~finite, math.nan) if codes else (ts.dec * s_b).masked_fill_(~finite, math.nan)
+    return r.mul_(q).mul_(scale)
 
 
 # ---------------------------------------------------------------------- 2-D weight tiles
@@ -216,6 +253,18 @@ def quantize_nvfp4_2d(
     square tile. The same values serve the forward (K-blocked) and the dgrad (N-blocked) GEMM,
     which is why TE uses it. Padded tiles are zero-filled.
     """
+    y, _ = _nvfp4_2d(w, tile, rounding, order, codes=False)
+    return y.to(w.dtype)
+
+
+def nvfp4_codes_2d(
+    w: torch.Tensor, *, tile: int = NVFP4_BLOCK_SIZE, rounding: str = "nearest_even", order: str = "te"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nvfp4_codes` for :func:`quantize_nvfp4_2d`'s square tiles."""
+    return _nvfp4_2d(w, tile, rounding, order, codes=True)
+
+
+def _nvfp4_2d(w: torch.Tensor, tile: int, rounding: str, order: str, *, codes: bool):
     if w.dim() != 2:
         raise ValueError(f"2-D NVFP4 tiles need a 2-D tensor, got shape {tuple(w.shape)}")
     n, k = w.shape
@@ -225,8 +274,8 @@ def quantize_nvfp4_2d(
     amax_b = torch.maximum(t.amax(dim=(1, 3), keepdim=True), t.amin(dim=(1, 3), keepdim=True).neg())
     finite = torch.isfinite(amax_b)
     ts = nvfp4_tensor_scale(torch.where(finite, amax_b, 0.0).amax(), order=order)
-    y = nvfp4_blocks(t, ts, nvfp4_block_scales(amax_b, ts), finite, rounding=rounding)
-    return y.view(n + pn, k + pk)[:n, :k].to(w.dtype)
+    y = nvfp4_blocks(t, ts, nvfp4_block_scales(amax_b, ts), finite, rounding=rounding, codes=codes)
+    return y.view(n + pn, k + pk)[:n, :k], ts.dec
 
 
 # ---------------------------------------------------------------------- random Hadamard transform

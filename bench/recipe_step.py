@@ -13,18 +13,24 @@ after ``--warmup`` rounds, and the ratio to BF16 measured in this run.
 ``--compile`` adds a compiled twin of each recipe (``recipe.compile=true``);
 its first steps compile the quantizers (reported as ``warm-up s``). ``--backends`` runs each
 recipe on each backend (``emulated``, ``torch``: real FP8 scaled matmuls), ``--gemms`` with each
-``recipe.emulated_gemm`` (the emulated GEMMs in BF16 where exact, or FP32). The ratio column is
+``recipe.emulated_gemm`` (auto = codes: BF16 GEMMs where exact, per-tensor FP8 / NVFP4 on their
+BF16 codes; bf16: where exact only; fp32). ``--floor`` adds, per emulated recipe, the same step
+with every converted Linear's role quantizers replaced by identities (no Hadamard transform) and
+the same GEMM dtype: what the custom autograd, the upcasts and the GEMMs cost without any
+quantization, the floor the issue's tiny-model ratios are read against. The ratio column is
 the median of the per-round ratios to BF16, with their interquartile range.
 
     python -m bench.recipe_step                      # eager, tiny model, 2 threads
     python -m bench.recipe_step --compile --recipes mxfp8_e4m3 mxfp4_e2m1
     python -m bench.recipe_step --recipes fp8_current --backends emulated torch --model 20m
     python -m bench.recipe_step --recipes mxfp8_e4m3 mxfp4_e2m1 --gemms fp32 auto   # BF16 GEMMs vs FP32
+    python -m bench.recipe_step --recipes mxfp8_e4m3 fp8_delayed --floor           # against the floor
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -32,6 +38,8 @@ import torch
 import yaml
 
 from recipes.base import get_recipe
+from recipes.qlinear import QuantLinear
+from recipes.quantizers import RoleQuantizer
 from train import distenv
 from train.cli import CONF_DIR, compose
 from train.data import nominal_vocab_size
@@ -47,10 +55,43 @@ def quantized_presets() -> list[str]:
     return [f.stem for f in files if (yaml.safe_load(f.read_text()) or {}).get("quantizer", "none") != "none"]
 
 
+class IdentityRole(RoleQuantizer):
+    """The floor's role: quantizes nothing (FP32 for an FP32 GEMM, BF16 for a BF16 one)."""
+
+    axis_free = True
+
+    def __call__(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
+        return x
+
+    def for_gemm(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
+        return x.to(torch.bfloat16)
+
+    def describe(self) -> str:
+        return "identity"
+
+
+def identity_quantizers(model: torch.nn.Module) -> int:
+    """Replace every converted Linear's quantized roles by :class:`IdentityRole` (no Hadamard
+    transform), keeping which roles are quantized and the GEMM dtype; returns the layer count."""
+    ident, n = IdentityRole(), 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            qs = m.quantizers
+            roles = {r: ident for r in ("input", "weight", "grad_output", "weight_dgrad", "input_wgrad")
+                     if getattr(qs, r) is not None}  # fmt: skip
+            if qs.split_dy:
+                roles["grad_output_wgrad"] = None if qs.wgrad_dy is None else ident
+            m.quantizers = dataclasses.replace(qs, **roles, wgrad_transform=None)
+            n += 1
+    return n
+
+
 class Contender:
     """One recipe's engine, ready to step."""
 
-    def __init__(self, label: str, recipe_name: str, extra: list[str], common: list[str]):
+    def __init__(
+        self, label: str, recipe_name: str, extra: list[str], common: list[str], *, floor: bool = False
+    ):
         cfg = compose([f"+recipe={recipe_name}", *common, *extra])
         plan = validate(cfg, world_size=1)
         self.label = label
@@ -58,6 +99,8 @@ class Contender:
         self.recipe.resolve(plan.device)
         model = build_model(cfg.model.resolve(nominal_vocab_size(cfg.data)), seed=cfg.trainer.seed)
         self.recipe.convert(model)
+        if floor and not identity_quantizers(model):
+            raise SystemExit(f"--floor: {label} converts no Linear to an emulated QuantLinear")
         self.engine = build_engine(model, cfg, plan)
         self.times: list[float] = []
         self.warmup_s = 0.0
@@ -88,7 +131,9 @@ def main() -> None:
     p.add_argument("--backends", nargs="+", default=["emulated"], help="recipe.backend values to time")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--gemms", nargs="+", default=["auto"],
-                   help="recipe.emulated_gemm values to time (auto | bf16 | fp32), e.g. --gemms fp32 auto")  # fmt: skip
+                   help="recipe.emulated_gemm values to time (auto | codes | bf16 | fp32), e.g. --gemms fp32 auto")  # fmt: skip
+    p.add_argument("--floor", action="store_true",
+                   help="also time each emulated recipe with identity quantizers (same GEMM dtype)")  # fmt: skip
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -109,6 +154,9 @@ def main() -> None:
                 label, extra = f"{label} ({gemm} GEMMs)", [*extra, f"recipe.emulated_gemm={gemm}"]
             if not args.no_eager:
                 contenders.append(Contender(label, name, ["recipe.compile=false", *extra], common))
+                if args.floor and backend == "emulated":
+                    contenders.append(Contender(f"{label} floor (identity quantizers)", name,
+                                                ["recipe.compile=false", *extra], common, floor=True))  # fmt: skip
             if args.compile:
                 contenders.append(
                     Contender(f"{label} (compiled)", name, ["recipe.compile=true", *extra], common)

@@ -55,11 +55,12 @@ def test_scaled_mm_bench_prints_its_table():
 
 def test_recipe_step_bench_times_both_fp8_backends():
     out = run_module("bench.recipe_step", "--recipes", "fp8_current", "--backends", "emulated", "torch",
-                     "--steps", "2", "--warmup", "1", "--batch", "2", timeout=300)  # fmt: skip
+                     "--floor", "--steps", "2", "--warmup", "1", "--batch", "2", timeout=300)  # fmt: skip
     labels = [
         line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line
     ]
-    assert labels == ["recipe", "bf16", "fp8_current emulated", "fp8_current torch"], out
+    assert labels == ["recipe", "bf16", "fp8_current emulated", "fp8_current emulated floor (identity quantizers)",
+                      "fp8_current torch"], out  # fmt: skip
     widths = {line.count("|") for line in out.splitlines() if line.startswith("|")}
     assert len(widths) == 1, f"header and rows have different column counts: {out}"
 
@@ -86,3 +87,24 @@ def test_early_warning_bench_runs_its_inducers_against_their_plain_twins(tmp_pat
     assert rows == {("none", 1), ("lr", 1), ("outlier", 1)}
     cfg = (tmp_path / "lr_seed1" / ".hydra" / "overrides.yaml").read_text()
     assert "reference.run_dir=" in cfg and "none_seed1" in cfg and "debug.lr_boost_at_step=10" in cfg
+
+
+def test_floor_layers_quantize_nothing_and_keep_the_gemm_dtype():
+    """The floor's converted Linear gives nn.Linear's BF16 result: no operand changed."""
+    import torch
+    from torch import nn
+
+    from bench.recipe_step import identity_quantizers
+    from recipes.fp8 import get_format
+    from recipes.qlinear import LinearQuantizers, QuantLinear
+    from recipes.quantizers import FP8CurrentRole
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    role = FP8CurrentRole(get_format("e4m3"))
+    holder = nn.Module()
+    holder.fc = QuantLinear.from_linear(lin, LinearQuantizers(role, role, role, role, role, bf16_gemm=True))
+    x = torch.randn(16, 64).to(torch.bfloat16)
+    assert not torch.equal(holder.fc(x), lin(x))  # quantized
+    assert identity_quantizers(holder) == 1
+    assert torch.equal(holder.fc(x), lin(x))

@@ -145,3 +145,44 @@ def test_compiled_matches_eager_bitwise__only_compile_test():
         eager = quantize_mx(x, fmt, rounding=rounding, axis=1, seed=5)
         compiled = quantize_mx_compiled(x, fmt, rounding=rounding, axis=1, seed=5)
         assert_bitwise(compiled, eager)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_native_cast_path_equals_the_bit_level_rounding(fmt: str):
+    """The float8 cast that replaces round_elements for fp8 elements under nearest_even gives the
+    same bits: on every representable value, every exact tie between neighbours (both signs),
+    one FP32 ulp either side of each tie, values beyond max_norm, -0, NaN/Inf blocks and
+    scale-2^-127 blocks; for every scale rule, through quantize_mx and its BF16 GEMM variant."""
+    from recipes.mx.core import to_blocks
+    from recipes.mx.formats import get_format
+    from recipes.mx.quantize import _dequantized, native_cast_dtype, quantize_blocks
+
+    f = get_format(fmt)
+    dtype = native_cast_dtype(f, "nearest_even")
+    assert dtype is not None and native_cast_dtype(f, "nearest_away") is None
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = grid[grid.isfinite() & (grid >= 0)].unique()
+    ties = (grid[1:] + grid[:-1]) / 2  # exact in FP32
+    up, down = torch.nextafter(ties, torch.tensor(float("inf"))), torch.nextafter(ties, torch.tensor(0.0))
+    vals = torch.cat([grid, ties, up, down, torch.tensor([f.max_norm * 1.5, f.max_norm * 1e6, 0.0])])
+    vals = torch.cat([vals, -vals])
+    vals = torch.cat([vals, torch.full(((-vals.numel()) % 31,), 1.0)]).view(-1, 31)
+    x = torch.cat([torch.full((len(vals), 1), f.max_norm), vals], 1)  # amax max_norm: scale 1 (or above)
+    x = torch.cat([x, torch.full((1, 32), -0.0), mixed_data(3).view(-1, 32)[:40]])
+    x[-1, 3], x[-2, 7] = float("nan"), float("inf")
+    x = torch.cat([x, x[:8] * 2.0**-133])  # blocks with the E8M0 minimum scale 2^-127
+    for rule in SCALE_RULES:
+        generic = _dequantized(quantize_blocks(to_blocks(x, _layout(x)), None, fmt=f, rounding="nearest_even",
+                                               scale_rule=rule)).view(x.shape)  # fmt: skip
+        if rule == "floor":  # the ties sit in scale-1 blocks: each rounds to its even neighbour
+            t = torch.isin(x, ties) & (x > 0)
+            assert t.sum() >= len(ties) and torch.isin(generic[t], grid).all()
+        assert_bitwise(quantize_mx(x, fmt, scale_rule=rule), generic)
+        gemm = quantize_mx(x, fmt, scale_rule=rule, for_gemm=True)
+        assert_bitwise(gemm.float(), generic)
+
+
+def _layout(x: torch.Tensor):
+    from recipes.mx.core import block_layout
+
+    return block_layout(x.shape, block_size=32, axis=-1)

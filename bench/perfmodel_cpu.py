@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from train import hostmem
 from train.cli import compose
 from train.hwspec import HardwareConfig
 from train.perfmodel.__main__ import hardware_file
@@ -66,6 +67,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
+    print(hostmem.apply("auto"))  # the trainer's default allocator policy, for the steps and the calibration
     init_process()
     rows, cals = [], []
     for model in args.models:

@@ -40,7 +40,7 @@ import yaml
 from recipes.base import get_recipe
 from recipes.qlinear import QuantLinear
 from recipes.quantizers import RoleQuantizer
-from train import distenv
+from train import distenv, hostmem
 from train.cli import CONF_DIR, compose
 from train.data import nominal_vocab_size
 from train.engine import build_engine, init_distributed
@@ -132,11 +132,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--gemms", nargs="+", default=["auto"],
                    help="recipe.emulated_gemm values to time (auto | codes | bf16 | fp32), e.g. --gemms fp32 auto")  # fmt: skip
+    p.add_argument(
+        "--host-malloc", default="auto", help="launcher.host_malloc (train.hostmem): auto | tuned | default"
+    )
     p.add_argument("--floor", action="store_true",
                    help="also time each emulated recipe with identity quantizers (same GEMM dtype)")  # fmt: skip
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
+    malloc_note = hostmem.apply(args.host_malloc)  # as train/run.py does at set-up
     common = [f"model={args.model}", f"trainer.global_batch_size={args.batch}", "trainer.max_steps=1000000",
               "logger=none", f"trainer.device={args.device}"]  # fmt: skip
     distenv.export(distenv.detect())
@@ -179,7 +183,7 @@ def main() -> None:
 
     base = contenders[0].times
     print(f"model={args.model} batch={args.batch}x{cfg.model.seq_len} threads={args.threads} "
-          f"rounds={args.steps} (interleaved) torch={torch.__version__}")  # fmt: skip
+          f"rounds={args.steps} (interleaved) torch={torch.__version__}; {malloc_note}")  # fmt: skip
     print("| recipe | median ms | min ms | x BF16 (median) | IQR | tokens/s | MFU | warm-up s |\n"
           "|---|---|---|---|---|---|---|---|")  # fmt: skip
     for c in contenders:

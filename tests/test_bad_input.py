@@ -106,6 +106,8 @@ CASES = [
          "recipe.emulated_gemm", "fp16", "use auto, codes, bf16 (where exact) or fp32"),
     Case("nvfp4_order_on_mx", ["+recipe=mxfp8_e4m3", "recipe.nvfp4_scale_order=torchao"], None,
          "recipe.nvfp4_scale_order", "torchao", "only NVFP4 has two scale orders"),
+    Case("host_malloc_unknown", ["launcher.host_malloc=jemalloc"], None,
+         "launcher.host_malloc", "jemalloc", "use one of auto, tuned, default"),
 ]  # fmt: skip
 
 

@@ -228,3 +228,42 @@ def test_presets_on_a_search_path_are_choices(tmp_path: Path):
     with pytest.raises(ConfigError) as e:
         compose_run([f"hydra.searchpath=[file://{tmp_path}]", "+recipe=nope"])
     assert e.value.key == "recipe" and "mine" in e.value.fix and "mxfp4_e2m1" in e.value.fix
+
+
+def test_host_malloc_modes_are_checked_and_applied():
+    """launcher.host_malloc: an unknown mode is a config error; tuned and auto set glibc's
+    thresholds (``apply`` raises if mallopt refuses) and say so; default leaves them alone."""
+    from recipes.errors import ConfigError
+    from train import hostmem
+
+    with pytest.raises(ConfigError) as e:
+        hostmem.check("jemalloc")
+    assert (e.value.key, e.value.value) == ("launcher.host_malloc", "jemalloc")
+    assert "defaults" in hostmem.apply("default")
+    if hostmem.glibc() is None:
+        pytest.skip("no glibc on this machine: tuned is refused there (tested by check above)")
+    assert "1 GiB" in hostmem.apply("tuned") and "1 GiB" in hostmem.apply("auto")
+
+
+@pytest.mark.parametrize("mode,kept", [("default", False), ("tuned", True)])
+def test_tuned_host_malloc_keeps_a_freed_large_tensor_in_the_process(mode, kept):
+    """The effect itself, in a fresh process: a 256 MiB tensor, touched then freed, leaves the
+    resident set (glibc's default unmaps it; tuned keeps it for the next allocation)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from train import hostmem
+
+    if hostmem.glibc() is None:
+        pytest.skip("no glibc on this machine")
+    code = (
+        "import os, torch\nfrom train import hostmem\n"
+        f"hostmem.apply({mode!r})\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "x = torch.ones(64 << 20)\nbefore_free = rss()\ndel x\nprint((before_free - rss()) / 2**20)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    released_mib = float(out.stdout.strip().splitlines()[-1])
+    assert (released_mib < 16) if kept else (released_mib > 200), released_mib

@@ -18,7 +18,7 @@ from recipes.base import Recipe, get_recipe
 from recipes.config import RecipeConfig
 from recipes.errors import ConfigError
 from recipes.numerics import get_spec
-from train import distenv, faults, rundir
+from train import distenv, faults, hostmem, rundir
 from train.config import RunConfig
 from train.data import BatchFeed, BatchSchedule, TokenData, order_fingerprint, prepare_data
 from train.engine import build_engine, init_distributed, warmup_steps
@@ -64,6 +64,7 @@ def setup(cfg: RunConfig, plan: Plan, run_dir: Path) -> Run:
     torch.set_num_threads(
         distenv.threads_per_rank(configured=cfg.launcher.omp_threads, local_world_size=denv.local_world_size)
     )
+    distenv.log0(denv, hostmem.apply(cfg.launcher.host_malloc))
     distenv.export(denv)
     init_distributed(plan.device, timeout_s=cfg.launcher.collective_timeout_s)
     if plan.device == "cuda":

@@ -152,6 +152,8 @@ class LauncherConfig:
     """>1: ``python train/run.py`` starts this many local workers itself."""
     omp_threads: int = 0
     """Threads per rank; 0 = CPU cores / local ranks."""
+    host_malloc: str = "auto"
+    """auto | tuned | default: glibc malloc's large-block policy (``train.hostmem``; time only)."""
     collective_timeout_s: int = 600
     """A rank that waits longer than this in one collective fails the run (a dead peer under srun
     would otherwise hang it for torch's default 30 minutes)."""

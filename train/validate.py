@@ -239,6 +239,9 @@ def validate(cfg: RunConfig, *, world_size: int) -> Plan:
         )
     if cfg.launcher.nproc_per_node < 1:
         raise ConfigError("launcher.nproc_per_node", cfg.launcher.nproc_per_node, "must be >= 1")
+    from train.hostmem import check as check_host_malloc
+
+    check_host_malloc(cfg.launcher.host_malloc)
     # recipe (recipe.name is a label; the kind, recipe.quantizer, is checked by the registry below)
     _one_of("recipe.precision", r.precision, PRECISIONS)
     _one_of("recipe.backend", r.backend, BACKENDS)

@@ -300,13 +300,17 @@ def run_calibration(args: argparse.Namespace) -> int:
 
     import torch
 
+    from train import hostmem
     from train.perfmodel.calibrate import calibrate, write_yaml
+
+    malloc_note = hostmem.apply("auto")  # measure under the trainer's default allocator policy
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = args.name or (
         "cpu" if device == "cpu" else re.sub(r"\W+", "_", torch.cuda.get_device_name()).lower()
     )
     hw, notes = calibrate(name, device=device, quick=args.quick)
+    notes["hbm_tb_s"] = f"{notes.get('hbm_tb_s', 'one rank')}; {malloc_note}"  # the bandwidth depends on it
     out = args.out or Path(os.environ.get("LOWBIT_OUTPUTS", "outputs")) / "hardware" / f"{name}.yaml"
     write_yaml(hw, notes, out)
     peaks = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in hw.peak_tflops.items())

@@ -56,10 +56,6 @@ Per block, with ``amax = max|x|`` over the block and the element format's
      Deterministic for a given ``generator`` state or ``seed``; the random
      numbers are drawn as one ``torch.rand(x.shape)``.
 
-   For fp8_e4m3 / fp8_e5m2 elements under ``nearest_even`` the rounding is torch's float8
-   cast after the clamp below (``native_cast_dtype``: the same grid and ties, tested bit for
-   bit against the bit-level rounding; one pass instead of six).
-
    Saturation: values beyond the largest element clamp to ``+-max_norm``
    (never Inf, also for fp8_e5m2). int8 is symmetric: -2.0 is never produced.
    The sign of zero is kept (a negative value that rounds to zero gives -0).
@@ -124,7 +120,6 @@ __all__ = [
     "BF16_MIN_EXP",
     "MXBlocks",
     "exact_in_bf16",
-    "native_cast_dtype",
     "quantize_blocks",
     "quantize_mx",
     "quantize_mx_compiled",
@@ -174,35 +169,6 @@ def quantize_blocks(
     return MXBlocks(r, q, se, nan, scale, amax)
 
 
-def native_cast_dtype(fmt: ElemFormat, rounding: str) -> torch.dtype | None:
-    """The torch float8 dtype whose cast *is* step 2 for ``fmt`` and ``rounding``, or None.
-
-    torch's casts to ``float8_e4m3fn`` / ``float8_e5m2`` round to nearest, ties to even, onto the
-    same grid (subnormals kept, -0 kept); they do not saturate (E4M3 overflows to NaN, E5M2 to
-    Inf), which the clamp to ``+-max_norm`` before the cast makes irrelevant, and NaN stays NaN.
-    So for those formats under ``nearest_even`` the cast replaces the bit-level rounding of
-    :func:`recipes.mx.core.round_elements` (one pass instead of six; the same values, tested
-    bit for bit against it on every tie and binade)."""
-    name = fmt.torch_dtype_name
-    return getattr(torch, name) if name is not None and rounding == "nearest_even" else None
-
-
-def _dequantized_blocks(
-    xb: torch.Tensor, noise_b: torch.Tensor | None, *, fmt: ElemFormat, rounding: str, scale_rule: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dequantized blocks, se, amax)`` of float32 blocks: through a native cast where one is
-    exact (:func:`native_cast_dtype`), else :func:`quantize_blocks`."""
-    native = native_cast_dtype(fmt, rounding)
-    if native is None:
-        m = quantize_blocks(xb, noise_b, fmt=fmt, rounding=rounding, scale_rule=scale_rule)
-        return _dequantized(m), m.se, m.amax
-    amax = block_amax(xb)
-    se, nan = shared_exponent(amax, fmt=fmt, scale_rule=scale_rule)
-    scale, inv = block_scales(se, nan)
-    w = torch.mul(xb, inv).clamp_(-fmt.max_norm, fmt.max_norm).to(native).float()
-    return w.mul_(scale), se, amax  # exact: a power-of-two scale (NaN in NaN blocks)
-
-
 def _fake_quant_fp32(
     x32: torch.Tensor,
     noise: torch.Tensor | None,
@@ -215,8 +181,8 @@ def _fake_quant_fp32(
     """float32 in, float32 out: dequantize(quantize(x32)). Compiled as-is by ``compile=True``."""
     xb = to_blocks(x32, layout)
     nb = None if noise is None else to_blocks(noise, layout)
-    y, _, _ = _dequantized_blocks(xb, nb, fmt=fmt, rounding=rounding, scale_rule=scale_rule)
-    return from_blocks(y, layout)
+    m = quantize_blocks(xb, nb, fmt=fmt, rounding=rounding, scale_rule=scale_rule)
+    return from_blocks(_dequantized(m), layout)
 
 
 def _dequantized(m: MXBlocks) -> torch.Tensor:
@@ -341,9 +307,9 @@ def _fake_quant_lowest_exp(
     non-zero amax (int64 0-d; +2^20 when there is none)."""
     xb = to_blocks(x32, layout)
     nb = None if noise is None else to_blocks(noise, layout)
-    y, se, amax = _dequantized_blocks(xb, nb, fmt=fmt, rounding=rounding, scale_rule=scale_rule)
-    lowest = torch.where(amax > 0, se, 1 << 20).amin().long() + (fmt.emin - fmt.mbits)
-    return from_blocks(y, layout), lowest
+    m = quantize_blocks(xb, nb, fmt=fmt, rounding=rounding, scale_rule=scale_rule)
+    lowest = torch.where(m.amax > 0, m.se, 1 << 20).amin().long() + (fmt.emin - fmt.mbits)
+    return from_blocks(_dequantized(m), layout), lowest
 
 
 def quantize_mx_compiled(x: torch.Tensor, elem_format: str | ElemFormat, **kwargs: Any) -> torch.Tensor:

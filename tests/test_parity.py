@@ -54,8 +54,9 @@ def test_parity_rejects_a_plain_recipe_in_one_line():
 
 def test_torch_backend_trains_and_tracks_the_emulated_run(tmp_path):
     """20 steps of fp8_delayed, real FP8 GEMMs against the emulated twin: the first step is bitwise
-    equal (every scale is 1.0); later delayed scales are not powers of two, so the operands differ
-    by ``q * (1/s)`` against ``q / s`` (1 FP32 ulp) and the curves part by rounding only."""
+    equal (every scale is 1.0); later delayed scales are not powers of two, and the emulated code
+    GEMMs (the same FP8 codes and ``1/s``) round their BF16 product once more on the CPU before
+    the scale (``recipes.qlinear``), so the curves part by rounding only."""
     common = ["+recipe=fp8_delayed", "trainer.max_steps=20", "trainer.log_every=1", "trainer.eval_every=20",
               "trainer.eval_sequences=16", "logger=none"]  # fmt: skip
     real = run_lowbit([*common, "recipe.backend=torch"], run_dir=tmp_path / "torch")

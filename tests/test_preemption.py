@@ -47,9 +47,15 @@ def assert_preempted(proc: subprocess.Popen, run_dir, *, signalled_after: int, m
     return stopped_at
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted run of ARGS, the reference of every signal below."""
+    return run_lowbit(ARGS, run_dir=tmp_path_factory.mktemp("preempt") / "ref")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_checkpoints_then_resume_matches_uninterrupted(sig, tmp_path):
-    ref = run_lowbit(ARGS, run_dir=tmp_path / "ref")
+def test_signal_checkpoints_then_resume_matches_uninterrupted(sig, tmp_path, uninterrupted):
+    ref = uninterrupted
     run_dir = tmp_path / "interrupted"
     env = {**os.environ}
     env.pop("RANK", None)

@@ -26,6 +26,19 @@ ARGS = ["parallel=zero2", "trainer.max_steps=40", "+recipe=fp32", "trainer.log_e
         "trainer.eval_sequences=16", "trainer.checkpoint_every=0", "logger.wandb.mode=offline"]  # fmt: skip
 
 
+def multinode_partition() -> bool:
+    """The namespace nodes were made and partition ``multi`` answers (this module's test runs)."""
+    if (STATE / "net_nodes.unavailable").exists():
+        return False
+    try:
+        proc = subprocess.run(
+            ["sinfo", "-h", "-p", "multi", "-o", "%N"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and bool(proc.stdout.strip())
+
+
 @pytest.fixture(scope="module")
 def multi(slurm_env) -> dict[str, str]:  # noqa: F811
     why = STATE / "net_nodes.unavailable"
@@ -82,3 +95,9 @@ def test_two_node_job_matches_one_node_and_survives_a_signalled_requeue(multi, t
     assert len(starts) == 2 and starts[1]["slurm_restart_count"] == 1 and 10 <= starts[1]["start_step"] < 40
     assert all(s["host"] == "lbn1" for s in starts)
     assert losses(multi, victim) == losses(multi, two)
+    got, want = (read_jsonl(run_dir_of(multi, j) / "metrics.jsonl") for j in (victim, two))
+    assert [m["step"] for m in got] == list(range(1, 41)) and got[-1]["val/loss"] == want[-1]["val/loss"]
+    wb = sorted(run_dir_of(multi, victim).glob("wandb/*run-*/run-*.wandb"))
+    assert (
+        wb and len({p.parent.name.rsplit("-", 1)[-1] for p in wb}) == 1
+    )  # one W&B run id across the requeue

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from train import distenv
+from train import distenv, hostmem
 from train.cli import compose
 from train.config import RunConfig
 from train.data import BatchSchedule, TokenData, eval_indices, prepare_data
@@ -264,9 +264,13 @@ def main() -> None:
         cfg, plan = bench_config(name, args.overrides, steps=args.steps)
         cases[name] = (cfg, plan, prepare_data(cfg.data, seq_len=cfg.model.seq_len))
     cfg0, plan0, _ = cases[args.recipes[0]]
+    # lowbit's set-up applies launcher.host_malloc process-wide: apply it first, so both sides
+    # run under the same allocator policy from the first round on
+    malloc_note = hostmem.apply(cfg0.launcher.host_malloc)
     print(
         f"model={cfg0.model.name} recipes={','.join(args.recipes)} steps={args.steps} rounds={args.reps} "
-        f"(+{args.warmup} warm-up) device={plan0.device} threads={use_threads(cfg0)} torch={torch.__version__}",
+        f"(+{args.warmup} warm-up) device={plan0.device} threads={use_threads(cfg0)} torch={torch.__version__}; "
+        f"{malloc_note}",
         flush=True,
     )
     times = measure(cases, steps=args.steps, reps=args.reps, warmup=args.warmup)

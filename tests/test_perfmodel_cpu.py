@@ -65,10 +65,14 @@ def test_elementwise_op_bytes_and_time_by_hand():
     assert pred["step_time_s"] == pytest.approx(12e-6 + 5e-6) and pred["ops"] == 2
 
 
-@pytest.mark.parametrize("recipe,gemm", [("mxfp8_e4m3", "bfloat16"), ("fp8_delayed", "float32")])
-def test_the_trace_sees_each_kinds_gemm_dtype(recipe, gemm):
+@pytest.mark.parametrize("recipe,gemm,extra", [
+    ("mxfp8_e4m3", "bfloat16", []),
+    ("fp8_delayed", "bfloat16", []),  # code GEMMs (recipe.emulated_gemm=auto)
+    ("fp8_delayed", "float32", ["recipe.emulated_gemm=bf16"]),  # per-tensor FP8 kept on FP32 GEMMs
+])  # fmt: skip
+def test_the_trace_sees_each_kinds_gemm_dtype(recipe, gemm, extra):
     init_process()
-    runner = StepRunner(compose([*TINY, f"+recipe={recipe}", "recipe.compile=false"]))
+    runner = StepRunner(compose([*TINY, f"+recipe={recipe}", "recipe.compile=false", *extra]))
     ops = trace_step(runner, warmup=0)
     mm = [op for op in ops if op.op in ("aten.mm.default", "aten.addmm.default")]
     # tiny: 2 blocks x 4 converted Linear x 3 GEMMs in the recipe's dtype; lm_head stays BF16

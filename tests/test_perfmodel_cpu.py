@@ -9,6 +9,7 @@ training step (BF16 for MX: both operands exact in BF16; FP32 for FP8 with FP32 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -20,6 +21,18 @@ from train.perfmodel.calibrate import write_yaml
 from train.perfmodel.optrace import DispatchTrace, StepRunner, cost, init_process, op_time, trace_step
 
 TINY = ["model=tiny", "trainer.global_batch_size=2", "logger=none", "trainer.device=cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_leaked_topology():
+    """``init_process`` exports a one-rank torchrun topology (RANK, WORLD_SIZE, MASTER_PORT, ...)
+    into this process's environment for the in-process engines here; restore the environment
+    after the module, so later tests' subprocesses do not inherit it (their rendezvous would
+    find that port taken: EADDRINUSE). The process group itself stays up."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def toy_hw(**kw) -> HardwareConfig:

@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from recipes.base import get_recipe
-from recipes.qlinear import QuantLinear
+from recipes.qlinear import ROLE_FIELDS, QuantLinear
 from recipes.quantizers import RoleQuantizer
 from train import distenv, hostmem
 from train.cli import CONF_DIR, compose
@@ -77,7 +77,7 @@ def identity_quantizers(model: torch.nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             qs = m.quantizers
-            roles = {r: ident for r in ("input", "weight", "grad_output", "weight_dgrad", "input_wgrad")
+            roles = {r: ident for r in ROLE_FIELDS
                      if getattr(qs, r) is not None}  # fmt: skip
             if qs.split_dy:
                 roles["grad_output_wgrad"] = None if qs.wgrad_dy is None else ident

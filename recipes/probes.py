@@ -72,7 +72,7 @@ from recipes.blockstats import (
 )
 from recipes.gemmstats import gemm_error_sums, gemm_errors_from_sums
 from recipes.numerics import overflow_bound, overflows, signal_noise_sums, tensor_sums
-from recipes.qlinear import QuantLinear
+from recipes.qlinear import ROLE_FIELDS, QuantLinear
 from recipes.quantizers import (
     FP8BlockRole,
     FP8DelayedRole,
@@ -252,10 +252,7 @@ def probe_for(module: nn.Module) -> LayerProbe | None:
     else:
         return None
     sr = SRGenerator(seed=PROBE_SR_SEED)
-    roles = {
-        r: _private(getattr(qs, r), sr)
-        for r in ("input", "weight", "grad_output", "weight_dgrad", "input_wgrad")
-    }
+    roles = {r: _private(getattr(qs, r), sr) for r in ROLE_FIELDS}
     split = bool(getattr(qs, "split_dy", False))
     if split:
         roles["grad_output_wgrad"] = _private(qs.wgrad_dy, sr)

@@ -20,7 +20,7 @@ wgrad        ``dW = Q_gw(dY)^T @ Q_xw(x)``                 tokens M (axis 0 of b
   on the dequantized FP32 values (FP32 accumulation, as MX and block-scaled FP8 tensor-core
   GEMMs and TE's dgrad / wgrad accumulate; TE's per-tensor FP8 forward on Hopper accumulates in
   reduced precision, not emulated); the result is rounded once to the input dtype.
-* BF16 GEMMs (``LinearQuantizers.bf16_gemm``, ``recipe.emulated_gemm``): where the engine
+* BF16 GEMMs (``LinearQuantizers.gemm``, ``recipe.emulated_gemm=bf16``): where the engine
   dtype is BF16 and both operands of a GEMM are *exactly* representable in BF16, the GEMM
   runs on BF16 tensors instead (FP32 accumulation, one rounding to BF16: the same values in,
   the same rounding out, only the accumulation order differs; about 5x faster on CPU).
@@ -28,7 +28,7 @@ wgrad        ``dW = Q_gw(dY)^T @ Q_xw(x)``                 tokens M (axis 0 of b
   block exponents for values below BF16's subnormal range and falls back to FP32 there), FP8
   block / rowwise values with power-of-two scales (``recipes.fp8.blockwise.exact_in_bf16``,
   the same check on the scales) and operands left in high precision (BF16 engine values).
-* Code GEMMs (``LinearQuantizers.codes_gemm``, ``recipe.emulated_gemm=codes``, the default):
+* Code GEMMs (``LinearQuantizers.gemm``, ``recipe.emulated_gemm=codes``, the default):
   per-tensor FP8 (``fp8_current``, ``fp8_delayed``: FP32 scales) and NVFP4 (E4M3 block scales
   times an FP32 tensor scale) are not exact in BF16, but their *codes* are
   (``RoleQuantizer.gemm_codes``): the FP8 codes, and NVFP4's E2M1 elements times their E4M3
@@ -86,12 +86,16 @@ from recipes.quantizers import Codes, RoleQuantizer
 __all__ = [
     "LinearQuantizers",
     "QuantLinear",
+    "ROLE_FIELDS",
     "fp32_output_mm",
     "quant_linear",
     "set_submodule",
 ]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+#: the role fields of a converted Linear's quantizers (``LinearQuantizers``, ``ScaledGemms``), in
+#: GEMM order; dY's separate wgrad copy (``grad_output_wgrad``) is not one of them
+ROLE_FIELDS = ("input", "weight", "grad_output", "weight_dgrad", "input_wgrad")
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,12 +119,10 @@ class LinearQuantizers:
     grad_output_wgrad: RoleQuantizer | None | str = SAME
     """dY's quantizer in the wgrad GEMM; ``"same"`` (default): ``grad_output``, which then
     quantizes dY for both backward GEMMs (``grad_output`` is the dgrad copy either way)."""
-    bf16_gemm: bool = False
-    """Run a GEMM in BF16 when both its operands are exact in BF16 and the engine dtype is BF16
-    (``recipe.emulated_gemm``); else FP32, as always without it."""
-    codes_gemm: bool = False
-    """With ``bf16_gemm``: per-tensor scaled roles (FP8 per-tensor, NVFP4) enter the GEMM as
-    BF16 codes, their scales applied to its FP32 output (module docstring)."""
+    gemm: str = "fp32"
+    """The GEMMs under a BF16 engine (``recipe.emulated_gemm``, resolved; module docstring):
+    ``fp32`` (every GEMM on FP32 values), ``bf16`` (in BF16 where both operands are exact there)
+    or ``codes`` (``bf16``, and per-tensor scaled roles as BF16 codes, the scales on the output)."""
 
     @property
     def split_dy(self) -> bool:
@@ -149,7 +151,7 @@ class LinearQuantizers:
 
     def describe(self) -> dict[str, str]:
         out = {}
-        for role in ("input", "weight", "grad_output", "weight_dgrad", "input_wgrad"):
+        for role in ROLE_FIELDS:
             q = getattr(self, role)
             out[role] = "high precision" if q is None else q.describe()
         if self.split_dy:
@@ -195,10 +197,8 @@ def _operand(
 
 
 def _gemm_mode(qs: LinearQuantizers, *tensors: torch.Tensor) -> str:
-    """``fp32`` | ``bf16`` | ``codes``: BF16 GEMMs only under a BF16 engine (every tensor BF16)."""
-    if not (qs.bf16_gemm and all(t.dtype == torch.bfloat16 for t in tensors)):
-        return "fp32"
-    return "codes" if qs.codes_gemm else "bf16"
+    """``qs.gemm`` under a BF16 engine (every tensor BF16), else ``fp32``."""
+    return qs.gemm if all(t.dtype == torch.bfloat16 for t in tensors) else "fp32"
 
 
 @functools.cache

@@ -363,8 +363,7 @@ class QuantizedRecipe(Recipe):
         wd = w if wd_fmt == f["weight_format"] else role(wd_fmt, tensor=f"{name}/weight", two_d=two_d)
         xw = inp if xw_fmt == f["input_format"] else role(xw_fmt, tensor=f"{name}/input")
         transform = hadamard_tokens if self.cfg.wgrad_hadamard else None
-        return LinearQuantizers(inp, w, g, wd, xw, transform, grad_output_wgrad=gw,
-                                bf16_gemm=self.emulated_gemm != "fp32", codes_gemm=self.emulated_gemm == "codes")  # fmt: skip
+        return LinearQuantizers(inp, w, g, wd, xw, transform, grad_output_wgrad=gw, gemm=self.emulated_gemm)
 
     def _scaled_gemms(self, name: str) -> ScaledGemms:
         """backend=torch: the same role quantizers, called through ``cast``."""

@@ -43,7 +43,9 @@ class here plus one entry in that table: the recipe registers every kind of the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -163,22 +165,21 @@ class NVFP4Role(RoleQuantizer):
         self.pure = self.rounding != "stochastic"
 
     def __call__(self, x: torch.Tensor, *, axis: int, training: bool = True) -> torch.Tensor:
-        kw = dict(rounding=self.rounding, order=self.order)
-        if self.two_d:
-            return call_quantizer(quantize_nvfp4_2d, self.compile, x, **kw)
-        if self.rounding == "stochastic":  # the noise generator stays eager
-            gen = self.sr.get(x.device) if self.sr is not None else None
-            return quantize_nvfp4(x, axis=axis, generator=gen, **kw)  # type: ignore[arg-type]
-        return call_quantizer(quantize_nvfp4, self.compile, x, axis=axis, **kw)
+        return self._apply(quantize_nvfp4, quantize_nvfp4_2d, x, axis)
 
     def gemm_codes(self, x: torch.Tensor, *, axis: int, training: bool = True) -> Codes:
+        return _codes(*self._apply(nvfp4_codes, nvfp4_codes_2d, x, axis))
+
+    def _apply(self, one_d: Callable[..., Any], two_d: Callable[..., Any], x: torch.Tensor, axis: int) -> Any:
+        """``one_d`` (1x16 blocks along ``axis``) or ``two_d`` (16x16 tiles) with this role's
+        rounding and order; compiled where pure, the stochastic-rounding generator eager."""
         kw = dict(rounding=self.rounding, order=self.order)
         if self.two_d:
-            return _codes(*call_quantizer(nvfp4_codes_2d, self.compile, x, **kw))
-        if self.rounding == "stochastic":
+            return call_quantizer(two_d, self.compile, x, **kw)
+        if self.rounding == "stochastic":  # the noise generator stays eager
             gen = self.sr.get(x.device) if self.sr is not None else None
-            return _codes(*nvfp4_codes(x, axis=axis, generator=gen, **kw))
-        return _codes(*call_quantizer(nvfp4_codes, self.compile, x, axis=axis, **kw))
+            return one_d(x, axis=axis, generator=gen, **kw)
+        return call_quantizer(one_d, self.compile, x, axis=axis, **kw)
 
     def describe(self) -> str:
         tiles = "16x16" if self.two_d else "1x16"

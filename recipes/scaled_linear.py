@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from recipes.fp8.gemm import Operand, scaled_gemm
-from recipes.qlinear import adopt_linear
+from recipes.qlinear import ROLE_FIELDS, adopt_linear
 from recipes.quantizers import RoleQuantizer
 
 __all__ = ["CastEpoch", "ScaledGemms", "ScaledLinear", "scaled_linear"]
@@ -89,10 +89,7 @@ class ScaledGemms:
     """Weight-cast cache key; None disables the cache."""
 
     def describe(self) -> dict[str, str]:
-        out = {
-            r: getattr(self, r).describe()
-            for r in ("input", "weight", "grad_output", "weight_dgrad", "input_wgrad")
-        }
+        out = {r: getattr(self, r).describe() for r in ROLE_FIELDS}
         out["gemm"] = "torch._scaled_mm, fast_accum forward/dgrad/wgrad = " + "/".join(
             "on" if f else "off" for f in self.fast_accum
         )

@@ -103,7 +103,7 @@ def test_floor_layers_quantize_nothing_and_keep_the_gemm_dtype():
     lin = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
     role = FP8CurrentRole(get_format("e4m3"))
     holder = nn.Module()
-    holder.fc = QuantLinear.from_linear(lin, LinearQuantizers(role, role, role, role, role, bf16_gemm=True))
+    holder.fc = QuantLinear.from_linear(lin, LinearQuantizers(role, role, role, role, role, gemm="bf16"))
     x = torch.randn(16, 64).to(torch.bfloat16)
     assert not torch.equal(holder.fc(x), lin(x))  # quantized
     assert identity_quantizers(holder) == 1

@@ -98,8 +98,8 @@ def _roles(role, **kw):
 def test_mx_layer_runs_three_bf16_gemms_and_matches_fp32_up_to_accumulation_order():
     x, w, b, gy = _layer()
     mx = MXRole("fp8_e4m3")
-    fast, seen = _run(_roles(mx, bf16_gemm=True), x, w, b, gy)
-    slow, seen32 = _run(_roles(mx, bf16_gemm=False), x, w, b, gy)
+    fast, seen = _run(_roles(mx, gemm="bf16"), x, w, b, gy)
+    slow, seen32 = _run(_roles(mx, gemm="fp32"), x, w, b, gy)
     assert seen == [torch.bfloat16] * 3 and seen32 == [torch.float32] * 3
     for f, s in zip(fast, slow):
         assert f.dtype == s.dtype == torch.bfloat16
@@ -113,8 +113,8 @@ def test_mx_layer_runs_three_bf16_gemms_and_matches_fp32_up_to_accumulation_orde
 )
 def test_inexact_roles_keep_fp32_gemms_and_their_bits(role):
     x, w, b, gy = _layer()
-    a, seen = _run(_roles(role, bf16_gemm=True), x, w, b, gy)
-    c, _ = _run(_roles(role, bf16_gemm=False), x, w, b, gy)
+    a, seen = _run(_roles(role, gemm="bf16"), x, w, b, gy)
+    c, _ = _run(_roles(role, gemm="fp32"), x, w, b, gy)
     assert seen == [torch.float32] * 3
     assert all(torch.equal(p, q) for p, q in zip(a, c))
 
@@ -122,14 +122,14 @@ def test_inexact_roles_keep_fp32_gemms_and_their_bits(role):
 def test_mixed_high_precision_and_mx_operand_still_bf16():
     """Forward with x in high precision (BF16 engine values, exact) and W in MX: BF16 GEMM."""
     x, w, b, gy = _layer()
-    qs = LinearQuantizers(None, MXRole("fp4_e2m1"), None, None, None, bf16_gemm=True)
+    qs = LinearQuantizers(None, MXRole("fp4_e2m1"), None, None, None, gemm="bf16")
     _, seen = _run(qs, x, w, b, gy)
     assert seen[0] == torch.bfloat16
 
 
 def test_fp32_engine_never_takes_the_bf16_path():
     x, w, b, gy = _layer(torch.float32)
-    _, seen = _run(_roles(MXRole("fp8_e4m3"), bf16_gemm=True), x, w, b, gy)
+    _, seen = _run(_roles(MXRole("fp8_e4m3"), gemm="bf16"), x, w, b, gy)
     assert seen == [torch.float32] * 3
 
 
@@ -163,8 +163,8 @@ def test_fp8_block_below_bf16_subnormals_falls_back_to_fp32():
 def test_fp8_block_layer_runs_bf16_gemms():
     x, w, b, gy = _layer()
     role = FP8BlockRole(get_fp8_format("e4m3"), block_size=32)
-    fast, seen = _run(_roles(role, bf16_gemm=True), x, w, b, gy)
-    slow, _ = _run(_roles(role, bf16_gemm=False), x, w, b, gy)
+    fast, seen = _run(_roles(role, gemm="bf16"), x, w, b, gy)
+    slow, _ = _run(_roles(role, gemm="fp32"), x, w, b, gy)
     assert seen == [torch.bfloat16] * 3
     for f, s in zip(fast, slow):
         torch.testing.assert_close(f.float(), s.float(), rtol=2**-7, atol=1e-6)

@@ -119,8 +119,8 @@ def test_roles_without_per_tensor_codes_answer_none():
 )
 def test_layer_runs_three_bf16_code_gemms_within_a_bf16_ulp_of_fp32(role):
     x, w, b, gy = _layer()
-    fast, seen = _run(_roles(role, bf16_gemm=True, codes_gemm=True), x, w, b, gy)
-    slow, seen32 = _run(_roles(role, bf16_gemm=False), x, w, b, gy)
+    fast, seen = _run(_roles(role, gemm="codes"), x, w, b, gy)
+    slow, seen32 = _run(_roles(role, gemm="fp32"), x, w, b, gy)
     # the biased forward runs its codes in FP32 on a device without an FP32-output BF16 GEMM
     fwd = torch.bfloat16 if fp32_output_mm("cpu") else torch.float32
     assert seen == [fwd, torch.bfloat16, torch.bfloat16] and seen32 == [torch.float32] * 3
@@ -131,7 +131,7 @@ def test_layer_runs_three_bf16_code_gemms_within_a_bf16_ulp_of_fp32(role):
 
 def test_fp32_engine_never_takes_the_code_path():
     x, w, b, gy = _layer(torch.float32)
-    _, seen = _run(_roles(FP8CurrentRole(E4M3), bf16_gemm=True, codes_gemm=True), x, w, b, gy)
+    _, seen = _run(_roles(FP8CurrentRole(E4M3), gemm="codes"), x, w, b, gy)
     assert seen == [torch.float32] * 3
 
 
@@ -164,7 +164,7 @@ def test_mixed_codes_and_high_precision_operand_and_the_bias_rule():
 
     x, w, b, _ = _layer()
     role = FP8CurrentRole(E4M3)
-    qs = LinearQuantizers(None, role, None, None, None, bf16_gemm=True, codes_gemm=True)
+    qs = LinearQuantizers(None, role, None, None, None, gemm="codes")
     ref = x.float() @ role(w.float(), axis=-1).t()
     with _MMDtypes() as mode:
         y = quant_linear(x, w, None, qs)
